@@ -1,0 +1,39 @@
+# Shared helpers for the scripts (sourced, not run). Expects $REPO.
+
+has_gpu() { command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; }
+
+# The Python that has this project: $PYTHON, the repo's .venv, or the one on PATH. On a fresh
+# machine with none of them, install into .venv first (scripts/install.sh).
+project_python() {
+  if [ -n "${PYTHON:-}" ]; then echo "$PYTHON"; return; fi
+  if [ -x "$REPO/.venv/bin/python" ] && "$REPO/.venv/bin/python" -c "import verl_ext, verl" 2>/dev/null; then
+    echo "$REPO/.venv/bin/python"; return
+  fi
+  if command -v python >/dev/null 2>&1 && python -c "import verl_ext, verl" 2>/dev/null; then
+    command -v python; return
+  fi
+  echo "[setup] verl_ext is not installed: running scripts/install.sh (one time, a few minutes)" >&2
+  bash "$REPO/scripts/install.sh" >&2
+  echo "$REPO/.venv/bin/python"
+}
+
+require_preset() {
+  if [ ! -f "$REPO/configs/preset/$1.yaml" ]; then
+    echo "error: PRESET=$1 does not exist; valid presets: $(cd "$REPO/configs/preset" && ls *.yaml | sed 's/\.yaml$//' | tr '\n' ' ')" >&2
+    exit 2
+  fi
+}
+
+# require_choice NAME VALUE CHOICE...
+require_choice() {
+  local name="$1" value="$2"; shift 2
+  for c in "$@"; do [ "$value" = "$c" ] && return 0; done
+  echo "error: $name=$value is not valid; valid choices: $*" >&2
+  exit 2
+}
+
+# Environment for verl on a machine without a GPU (verl_ext.cpu registers the platform and rollout).
+use_cpu_backend() {
+  export VERL_PLATFORM=cpu VERL_ENGINE_DEVICE=cuda
+  export TOKENIZERS_PARALLELISM=false OMP_NUM_THREADS="${OMP_NUM_THREADS:-1}"
+}

@@ -1,0 +1,44 @@
+#!/usr/bin/env bash
+# Train with DAPO + an advantage-weighting scheme on verl. Hydra overrides pass through:
+#
+#   bash scripts/run_dapo_reweight.sh                                  # tiny CPU run (no GPU) / 7B preset (GPU)
+#   PRESET=qwen3-8b-base WEIGHTING=lowprob ALPHA=0.1 bash scripts/run_dapo_reweight.sh trainer.nnodes=4
+#   WEIGHTING=ppl bash scripts/run_dapo_reweight.sh data.train_batch_size=256
+#   DRY_RUN=1 bash scripts/run_dapo_reweight.sh                       # print the composed config, no Ray
+#
+# Environment knobs:
+#   PRESET     a file in configs/preset/ (default: tiny-cpu without a GPU, else qwen2.5-math-7b)
+#   WEIGHTING  lowprob | ppl | dominate | none      (default: the config's, lowprob)
+#   ALPHA      weighting strength (default: the preset's, else the paper's value for the scheme)
+#   DRY_RUN=1  compose + validate + print the config, then exit
+#   LOG_DIR    where the run's log is kept (default: outputs/<preset>-<weighting>)
+#   WANDB_API_KEY or WANDB_MODE set -> also log to wandb
+set -euo pipefail
+REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+source "$REPO/scripts/_common.sh"
+
+PY="$(project_python)"
+if has_gpu; then DEFAULT_PRESET=qwen2.5-math-7b; else DEFAULT_PRESET=tiny-cpu; fi
+PRESET="${PRESET:-$DEFAULT_PRESET}"
+require_preset "$PRESET"
+
+ARGS=("+preset=$PRESET")
+if [ -n "${WEIGHTING:-}" ]; then
+  require_choice WEIGHTING "$WEIGHTING" lowprob ppl dominate none
+  ARGS+=("actor_rollout_ref.actor.policy_loss.weighting=$WEIGHTING")
+fi
+[ -n "${ALPHA:-}" ] && ARGS+=("actor_rollout_ref.actor.policy_loss.alpha=$ALPHA")
+[ "${DRY_RUN:-0}" = "1" ] && ARGS+=("dry_run=true")
+if [ -n "${WANDB_API_KEY:-}${WANDB_MODE:-}" ]; then ARGS+=("trainer.logger=[console,wandb]"); fi
+
+if [ "$PRESET" = "tiny-cpu" ]; then
+  use_cpu_backend
+  export TINY_ASSETS_DIR="${TINY_ASSETS_DIR:-$REPO/.assets/tiny}"
+  "$PY" -c "from verl_ext.tiny_assets import ensure_tiny_assets; ensure_tiny_assets('$TINY_ASSETS_DIR')"
+fi
+
+LOG_DIR="${LOG_DIR:-$REPO/outputs/$PRESET-${WEIGHTING:-default}}"
+mkdir -p "$LOG_DIR"
+echo "[run_dapo_reweight] preset=$PRESET weighting=${WEIGHTING:-<config default>} alpha=${ALPHA:-<default>} log=$LOG_DIR/train.log"
+set -o pipefail
+"$PY" -m recipe.dapo_reweight.main "${ARGS[@]}" "$@" 2>&1 | tee "$LOG_DIR/train.log"

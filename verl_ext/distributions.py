@@ -1,0 +1,79 @@
+"""Exact next-token distribution math shared by the analysis and the two-model decoder.
+
+Every function takes log-probabilities over the full vocabulary on the last dimension
+(`[..., V]`) and works in float32 or wider. Positions where a distribution puts zero mass
+(log-prob −inf) contribute 0 to every sum: 0·log 0 := 0.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def log_softmax(logits: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
+    """log π(v) = z_v/T − logsumexp(z/T), computed in float32 (or the input's wider dtype)."""
+    if temperature <= 0:
+        raise ValueError(f"temperature must be > 0, got {temperature}")
+    dtype = torch.promote_types(logits.dtype, torch.float32)
+    return torch.log_softmax(logits.to(dtype) / temperature, dim=-1)
+
+
+def _p_times(logp: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
+    """Σ_v π(v)·values(v), with 0·anything := 0 where π(v) = 0 (so −inf/NaN never leak)."""
+    p = logp.exp()
+    return torch.where(p > 0, p * values, torch.zeros_like(p)).sum(dim=-1)
+
+
+def entropy(logp: torch.Tensor) -> torch.Tensor:
+    """H(π) = −Σ_v π(v) log π(v)."""
+    return -_p_times(logp, logp)
+
+
+def kl_divergence(logp: torch.Tensor, logq: torch.Tensor) -> torch.Tensor:
+    """KL(p‖q) = Σ_v p(v) [log p(v) − log q(v)] (+inf where p(v) > 0 = q(v))."""
+    return _p_times(logp, logp - logq)
+
+
+def averaged_kl(logp: torch.Tensor, logq: torch.Tensor) -> torch.Tensor:
+    """½[KL(p‖q) + KL(q‖p)]: the paper's symmetric KL criterion (not Jensen–Shannon)."""
+    return 0.5 * (kl_divergence(logp, logq) + kl_divergence(logq, logp))
+
+
+def extrapolated_log_softmax(logp_rl: torch.Tensor, logp_base: torch.Tensor, gamma: float) -> torch.Tensor:
+    """Eq. 7: log π_Extra = (1+γ)·log π_RL − γ·log π_B − log Z.
+
+    γ = 0 returns π_RL exactly. Tokens with π_RL(v) = 0 keep probability 0; for γ > 0 a
+    token with π_B(v) = 0 < π_RL(v) would get infinite weight, so the base log-probs must
+    come from an untruncated softmax (always true for model logits).
+    """
+    if gamma == 0:
+        return logp_rl
+    scores = (1.0 + gamma) * logp_rl - gamma * logp_base
+    scores = torch.where(torch.isneginf(logp_rl), torch.full_like(scores, float("-inf")), scores)
+    return torch.log_softmax(scores, dim=-1)
+
+
+def top_p_mask(logp: torch.Tensor, top_p: float) -> torch.Tensor:
+    """Nucleus set: keep the smallest set of most probable tokens whose mass reaches top_p.
+
+    A token is kept when the mass of the tokens strictly more probable than it is < top_p
+    (the usual vLLM / transformers rule; the most probable token is always kept). Returns a
+    bool mask shaped like `logp`.
+    """
+    if not 0.0 < top_p <= 1.0:
+        raise ValueError(f"top_p must be in (0, 1], got {top_p}")
+    if top_p >= 1.0:
+        return torch.ones_like(logp, dtype=torch.bool)
+    sorted_logp, order = torch.sort(logp, dim=-1, descending=True)
+    mass_before = torch.cumsum(sorted_logp.exp(), dim=-1) - sorted_logp.exp()
+    keep_sorted = mass_before < top_p
+    keep_sorted[..., 0] = True
+    return torch.zeros_like(keep_sorted).scatter(-1, order, keep_sorted)
+
+
+def top_p_log_softmax(logp: torch.Tensor, top_p: float) -> torch.Tensor:
+    """Renormalised nucleus distribution: log π(v) − log Σ_{u∈S} π(u) on S, −inf elsewhere."""
+    if top_p >= 1.0:
+        return logp
+    masked = logp.masked_fill(~top_p_mask(logp, top_p), float("-inf"))
+    return masked - torch.logsumexp(masked, dim=-1, keepdim=True)
