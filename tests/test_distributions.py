@@ -1,0 +1,80 @@
+"""verl_ext.distributions against plain-Python sums over the vocabulary."""
+
+import math
+
+import pytest
+import torch
+
+from verl_ext.distributions import (
+    averaged_kl,
+    entropy,
+    extrapolated_log_softmax,
+    kl_divergence,
+    log_softmax,
+    top_p_log_softmax,
+    top_p_mask,
+)
+
+
+def rand_logp(n=5, vocab=7, seed=0, scale=3.0):
+    g = torch.Generator().manual_seed(seed)
+    return log_softmax(torch.randn(n, vocab, generator=g, dtype=torch.float64) * scale)
+
+
+def test_entropy_and_kls_match_naive_sums():
+    lp, lq = rand_logp(seed=0), rand_logp(seed=1)
+    for i in range(lp.shape[0]):
+        p = [math.exp(v) for v in lp[i].tolist()]
+        q = [math.exp(v) for v in lq[i].tolist()]
+        h = -sum(pi * math.log(pi) for pi in p)
+        kl_pq = sum(pi * math.log(pi / qi) for pi, qi in zip(p, q))
+        kl_qp = sum(qi * math.log(qi / pi) for pi, qi in zip(p, q))
+        assert entropy(lp)[i].item() == pytest.approx(h, rel=1e-12)
+        assert kl_divergence(lp, lq)[i].item() == pytest.approx(kl_pq, rel=1e-12)
+        assert averaged_kl(lp, lq)[i].item() == pytest.approx(0.5 * (kl_pq + kl_qp), rel=1e-12)
+
+
+def test_zero_mass_tokens_contribute_nothing():
+    lp = torch.log(torch.tensor([[0.5, 0.5, 0.0]], dtype=torch.float64))
+    lq = torch.log(torch.tensor([[0.25, 0.25, 0.5]], dtype=torch.float64))
+    assert entropy(lp).item() == pytest.approx(math.log(2))
+    assert kl_divergence(lp, lq).item() == pytest.approx(math.log(2))
+    assert math.isinf(kl_divergence(lq, lp).item())  # q puts mass where p has none
+
+
+def test_bounds_and_identity():
+    lp = rand_logp(n=50, vocab=13, seed=2)
+    assert torch.all(entropy(lp) <= math.log(13) + 1e-12) and torch.all(entropy(lp) >= 0)
+    assert torch.all(kl_divergence(lp, rand_logp(n=50, vocab=13, seed=3)) >= 0)
+    assert torch.allclose(kl_divergence(lp, lp), torch.zeros(50, dtype=torch.float64))
+
+
+def test_extrapolation_eq7():
+    lrl, lb = rand_logp(seed=4), rand_logp(seed=5)
+    assert torch.equal(extrapolated_log_softmax(lrl, lb, 0.0), lrl)
+    gamma = 0.3
+    out = extrapolated_log_softmax(lrl, lb, gamma)
+    for i in range(lrl.shape[0]):
+        unnorm = [math.exp(a) ** (1 + gamma) / math.exp(b) ** gamma for a, b in zip(lrl[i].tolist(), lb[i].tolist())]
+        z = sum(unnorm)
+        for v, u in enumerate(unnorm):
+            assert out[i, v].item() == pytest.approx(math.log(u / z), rel=1e-10)
+
+
+def test_top_p_mask_matches_naive_nucleus():
+    lp = rand_logp(n=20, vocab=9, seed=6)
+    for top_p in (0.1, 0.5, 0.7, 0.95, 1.0):
+        mask = top_p_mask(lp, top_p)
+        for i in range(lp.shape[0]):
+            probs = lp[i].exp().tolist()
+            order = sorted(range(9), key=lambda v: -probs[v])
+            kept, mass = set(), 0.0
+            for v in order:
+                if mass < top_p or not kept:
+                    kept.add(v)
+                mass += probs[v]
+            assert {v for v in range(9) if mask[i, v]} == kept
+        renorm = top_p_log_softmax(lp, top_p)
+        assert torch.allclose(renorm.exp().sum(-1), torch.ones(20, dtype=torch.float64))
+    with pytest.raises(ValueError, match="top_p must be in"):
+        top_p_mask(lp, 0.0)
