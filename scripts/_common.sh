@@ -6,10 +6,11 @@ has_gpu() { command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>
 # machine with none of them, install into .venv first (scripts/install.sh).
 project_python() {
   if [ -n "${PYTHON:-}" ]; then echo "$PYTHON"; return; fi
-  if [ -x "$REPO/.venv/bin/python" ] && "$REPO/.venv/bin/python" -c "import verl_ext, verl" 2>/dev/null; then
+  local probe="import verl_ext, importlib.util as u; assert u.find_spec('verl')"
+  if [ -x "$REPO/.venv/bin/python" ] && "$REPO/.venv/bin/python" -c "$probe" 2>/dev/null; then
     echo "$REPO/.venv/bin/python"; return
   fi
-  if command -v python >/dev/null 2>&1 && python -c "import verl_ext, verl" 2>/dev/null; then
+  if command -v python >/dev/null 2>&1 && python -c "$probe" 2>/dev/null; then
     command -v python; return
   fi
   echo "[setup] verl_ext is not installed: running scripts/install.sh (one time, a few minutes)" >&2

@@ -17,16 +17,14 @@ set -euo pipefail
 REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 source "$REPO/scripts/_common.sh"
 
-PY="$(project_python)"
 if has_gpu; then DEFAULT_PRESET=qwen2.5-math-7b; else DEFAULT_PRESET=tiny-cpu; fi
 PRESET="${PRESET:-$DEFAULT_PRESET}"
 require_preset "$PRESET"
+[ -n "${WEIGHTING:-}" ] && require_choice WEIGHTING "$WEIGHTING" lowprob ppl dominate none
+PY="$(project_python)"
 
 ARGS=("+preset=$PRESET")
-if [ -n "${WEIGHTING:-}" ]; then
-  require_choice WEIGHTING "$WEIGHTING" lowprob ppl dominate none
-  ARGS+=("actor_rollout_ref.actor.policy_loss.weighting=$WEIGHTING")
-fi
+[ -n "${WEIGHTING:-}" ] && ARGS+=("actor_rollout_ref.actor.policy_loss.weighting=$WEIGHTING")
 [ -n "${ALPHA:-}" ] && ARGS+=("actor_rollout_ref.actor.policy_loss.alpha=$ALPHA")
 [ "${DRY_RUN:-0}" = "1" ] && ARGS+=("dry_run=true")
 if [ -n "${WANDB_API_KEY:-}${WANDB_MODE:-}" ]; then ARGS+=("trainer.logger=[console,wandb]"); fi
@@ -35,6 +33,16 @@ if [ "$PRESET" = "tiny-cpu" ]; then
   use_cpu_backend
   export TINY_ASSETS_DIR="${TINY_ASSETS_DIR:-$REPO/.assets/tiny}"
   "$PY" -c "from verl_ext.tiny_assets import ensure_tiny_assets; ensure_tiny_assets('$TINY_ASSETS_DIR')"
+fi
+
+if [ -n "${RAY_ADDRESS:-}" ]; then
+  # Join an existing cluster (scripts/ray_cluster.sh): Ray refuses resource counts when connecting,
+  # and the workers get the non-secret environment the job needs.
+  ARGS+=("++ray_kwargs.ray_init.num_cpus=null" "++ray_kwargs.ray_init.num_gpus=null")
+  for name in VERL_PLATFORM VERL_ENGINE_DEVICE TOKENIZERS_PARALLELISM TINY_ASSETS_DIR TINY_RUN_DIR \
+              WANDB_MODE WANDB_PROJECT WANDB_ENTITY WANDB_RUN_GROUP WANDB_DIR; do
+    [ -n "${!name:-}" ] && ARGS+=("++ray_kwargs.ray_init.runtime_env.env_vars.$name=${!name}")
+  done
 fi
 
 LOG_DIR="${LOG_DIR:-$REPO/outputs/$PRESET-${WEIGHTING:-default}}"

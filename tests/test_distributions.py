@@ -78,3 +78,21 @@ def test_top_p_mask_matches_naive_nucleus():
         assert torch.allclose(renorm.exp().sum(-1), torch.ones(20, dtype=torch.float64))
     with pytest.raises(ValueError, match="top_p must be in"):
         top_p_mask(lp, 0.0)
+
+
+def test_truncated_mass_recovers_the_nucleus_mass():
+    """A top-p sampler reports log π_S(y) = log π(y) − log Z; the metric recovers 1 − Z exactly."""
+    from verl_ext.rollout_metrics import nucleus_kept_mass, truncation_metrics
+
+    lp = rand_logp(n=30, vocab=11, seed=7)
+    for top_p in (1.0, 0.9, 0.5):
+        keep = top_p_mask(lp, top_p)
+        kept_mass = (lp.exp() * keep).sum(-1)
+        token = lp.argmax(-1, keepdim=True)  # always inside the nucleus
+        full = lp.gather(-1, token)[:, 0]
+        truncated = top_p_log_softmax(lp, top_p).gather(-1, token)[:, 0]
+        torch.testing.assert_close(nucleus_kept_mass(full, truncated), kept_mass)
+        m = truncation_metrics(full[None], truncated[None], torch.ones(1, 30))
+        assert m["rollout/top_p_truncated_mass_mean"] == pytest.approx(float((1 - kept_mass).mean()))
+        if top_p == 1.0:
+            assert m["rollout/top_p_truncated_mass_max"] == pytest.approx(0.0, abs=1e-12)

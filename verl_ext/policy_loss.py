@@ -20,7 +20,7 @@ The trainer also logs exact global weight statistics for every scheme under `act
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Optional
+from typing import Any
 
 import torch
 from verl.trainer.ppo.core_algos import compute_policy_loss_vanilla, register_policy_loss
@@ -46,7 +46,7 @@ class ReweightPolicyLossConfig(PolicyLossConfig):
 
     loss_mode: str = LOSS_MODE
     weighting: str = "lowprob"
-    alpha: Optional[float] = None
+    alpha: float | None = None
     ppl_clamp: list[float] = field(default_factory=lambda: [0.8, 1.2])
     ppl_iqr_filter: bool = False
 

@@ -43,7 +43,7 @@ class WeightingSpec:
         alpha: float | None = None,
         ppl_clamp: tuple[float, float] = (0.8, 1.2),
         ppl_iqr_filter: bool = False,
-    ) -> "WeightingSpec":
+    ) -> WeightingSpec:
         """Validate and fill defaults; raises ValueError naming the bad value and the valid choices."""
         if scheme not in WEIGHTING_SCHEMES:
             raise ValueError(f"unknown weighting scheme {scheme!r}; valid choices: {', '.join(WEIGHTING_SCHEMES)}")

@@ -69,12 +69,19 @@ def prepare_config(config: DictConfig) -> DictConfig:
     from verl.utils.config import validate_config
 
     from verl_ext.policy_loss import LOSS_MODE, TRAINER_MODE, weighting_spec_from
+    from verl_ext.weighting import WEIGHTING_SCHEMES
 
     with open_dict(config):
         if config.reward.custom_reward_function.get("path") is None:
             config.reward.custom_reward_function.path = default_reward_path()
     policy_loss = config.actor_rollout_ref.actor.policy_loss
     if policy_loss.loss_mode == LOSS_MODE:
+        scheme = policy_loss.get("weighting")
+        if scheme not in WEIGHTING_SCHEMES:
+            raise ValueError(f"unknown weighting scheme {scheme!r}; valid choices: {', '.join(WEIGHTING_SCHEMES)}")
+        if policy_loss.get("alpha") is None:
+            with open_dict(config):
+                policy_loss.alpha = config.default_alpha[scheme]
         spec = weighting_spec_from(policy_loss)
         trainer_mode = config.trainer.v1.trainer_mode if config.trainer.use_v1 else None
         if spec.scheme == "ppl" and trainer_mode != TRAINER_MODE:
