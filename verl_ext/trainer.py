@@ -38,7 +38,7 @@ class DapoReweightTrainer(PPOTrainerSync):
         padded = data.to_padded_tensor()
         mask, old_log_probs = padded["response_mask"], padded["old_log_probs"]
         metrics.update(reweight_metrics(spec, old_log_probs, mask, group_ids))
-        if "rollout_log_probs" in padded.keys():
+        if "rollout_log_probs" in padded:
             metrics.update(truncation_metrics(old_log_probs, padded["rollout_log_probs"], mask))
         if spec.scheme == "ppl":
             weights, _ = token_weights(spec, old_log_probs, mask, group_ids)
