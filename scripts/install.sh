@@ -27,8 +27,10 @@ fi
 echo "[install] installing this project with extras [$EXTRAS] (verl==0.9.1 and its needs)"
 "${PIP[@]}" install -q -e "$REPO[$EXTRAS]"
 "$VENV/bin/python" - <<'PY'
-import verl  # noqa: F401  (loads our verl.plugins entry point)
+import verl  # loads our verl.plugins entry point, silently on failure...
 from verl.trainer.ppo.core_algos import POLICY_LOSS_REGISTRY
-assert "dapo_reweight" in POLICY_LOSS_REGISTRY, "verl did not load the verl_ext plugin"
+if "dapo_reweight" not in POLICY_LOSS_REGISTRY:
+    import verl_ext.verl_plugin  # ...so import it here to show why it failed
+    raise SystemExit("verl did not load the verl_ext plugin (entry point group verl.plugins)")
 print("[install] ok: verl", verl.__version__, "with the dapo_reweight plugin")
 PY
