@@ -29,6 +29,7 @@ setup(
         "tokenizers",
         "math-verify>=0.7",
         "wandb",
+        "wandb-workspaces",
         "pyarrow>=19.0.0",
         "pandas",
         "numpy>=2.0",
