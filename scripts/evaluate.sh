@@ -1,0 +1,14 @@
+#!/usr/bin/env bash
+# Avg@k / Pass@k evaluation with Math-Verify. Hydra overrides pass through (see configs/evaluate.yaml):
+#
+#   bash scripts/evaluate.sh generations=outputs/gens.jsonl metrics.pass_ks=[1,16]   # grade existing generations
+#   bash scripts/evaluate.sh model.path=/models/Qwen2.5-Math-7B                       # generate (32 x T=1.0, top-p 0.7), grade
+#   bash scripts/evaluate.sh model.path=... data.files=[data/prepared/aime24.parquet] sampling.max_new_tokens=20000
+#
+# Prepare the data first: bash scripts/prepare_data.sh. WANDB_API_KEY or WANDB_MODE set -> also log to wandb.
+set -euo pipefail
+REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+source "$REPO/scripts/_common.sh"
+PY="$(project_python)"
+export TOKENIZERS_PARALLELISM="${TOKENIZERS_PARALLELISM:-false}"
+"$PY" -m verl_ext.evaluation --config-path "$REPO/configs" --config-name evaluate "$@"

@@ -1,0 +1,146 @@
+"""verl_ext.data_prep: the shared AIME / AMC files, field mapping, invalid rows, the command."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pyarrow.parquet as pq
+import pytest
+
+from verl_ext.data_prep import (
+    DataPrepError,
+    accepted_answers,
+    convert_rows,
+    prepare_dataset,
+    problem_of,
+    read_records,
+    unwrap_dapo_prompt,
+)
+from verl_ext.generation import PROMPT_SUFFIX
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+AIME = SHARED_DATA / "aime_2021_2024.jsonl"
+AMC = SHARED_DATA / "amc_2022_2023.jsonl"
+
+
+def test_aime_row_without_answer_is_an_error_naming_file_and_index(tmp_path):
+    with pytest.raises(DataPrepError) as err:
+        prepare_dataset("aime", AIME, tmp_path)
+    message = str(err.value)
+    assert f"{AIME} row 6: no answer" in message and "F" in message and "on_invalid=skip" in message
+    assert not list(tmp_path.iterdir()), "nothing written on error"
+
+
+def test_aime_skip_with_report(tmp_path):
+    result = prepare_dataset("aime", AIME, tmp_path, data_source="aime", on_invalid="skip")
+    assert result.num_rows == 102 and [r.index for r in result.skipped] == [6]
+    report = json.loads((tmp_path / "aime.skipped.json").read_text())
+    assert report[0]["index"] == 6 and report[0]["source_file"] == str(AIME) and "F" in report[0]["keys"]
+    rows = pq.read_table(tmp_path / "aime.parquet").to_pylist()
+    raw = [json.loads(line) for line in AIME.read_text().splitlines()]
+    assert len(rows) == 102 and 6 not in {r["extra_info"]["index"] for r in rows}
+    for row in rows:
+        source = raw[row["extra_info"]["index"]]
+        assert row["data_source"] == "aime" and row["ability"] == "math"
+        assert row["prompt"] == [{"role": "user", "content": source["question"].strip() + "\n" + PROMPT_SUFFIX}]
+        assert row["reward_model"]["style"] == "rule"
+        assert row["extra_info"]["id"] == source["id"] and row["extra_info"]["split"] == "test"
+        if " or " not in source["answer"]:
+            assert row["reward_model"]["ground_truth"] == source["answer"]
+    two = [r for r in rows if len(r["extra_info"]["accepted_answers"]) == 2]
+    assert [r["extra_info"]["accepted_answers"] for r in two] == [["080", "081"]]
+    assert two[0]["extra_info"]["raw_answer"] == "080 or 081 (both were accepted)"
+
+
+def test_amc_float_answers_and_other_schema(tmp_path):
+    result = prepare_dataset("amc", AMC, tmp_path)
+    rows = pq.read_table(tmp_path / "amc.parquet").to_pylist()
+    raw = [json.loads(line) for line in AMC.read_text().splitlines()]
+    assert result.num_rows == len(rows) == len(raw) == 83 and not result.skipped
+    for row, source in zip(rows, raw):
+        assert row["data_source"] == "amc"
+        assert row["reward_model"]["ground_truth"] == str(int(source["answer"]))  # 142.0 -> "142"
+        assert row["prompt"][0]["content"].startswith(source["problem"].strip())
+        assert row["extra_info"]["id"] == str(source["id"])
+
+
+def test_keep_filter_selects_aime24(tmp_path):
+    result = prepare_dataset("aime24", AIME, tmp_path, keep={"year": [2024]})
+    assert result.num_rows == 14
+
+
+def test_field_mapping_of_published_schemas():
+    dapo_prompt = ("Solve the following math problem step by step. The last line of your response should be of the "
+                   "form Answer: $Answer (without quotes) where $Answer is the answer to the problem.\n\n"
+                   "What is $1+1$?\n\nRemember to put your answer on its own line after \"Answer:\".")
+    records = [
+        {"problem": "MATH-500 style", "solution": "long ... \\boxed{\\frac{1}{2}}", "answer": "\\frac{1}{2}"},
+        {"problem": "MATH style", "solution": "so the result is \\boxed{3\\sqrt{2}}."},
+        {"Problem": "AIME24 (Maxwell-Jia)", "Answer": 204},
+        {"question": "AIME25 (opencompass)", "answer": "70"},
+        {"data_source": "math_dapo", "prompt": [{"role": "user", "content": dapo_prompt}],
+         "reward_model": {"ground_truth": "2", "style": "rule"}},
+        {"prompt": "DAPO processed", "solution": "34"},
+    ]
+    rows, invalid = convert_rows(records, source_file="mem", data_source="mix")
+    assert invalid == []
+    assert [r["extra_info"]["problem"] for r in rows] == [
+        "MATH-500 style", "MATH style", "AIME24 (Maxwell-Jia)", "AIME25 (opencompass)", "What is $1+1$?",
+        "DAPO processed"]
+    assert [r["reward_model"]["ground_truth"] for r in rows] == ["\\frac{1}{2}", "3\\sqrt{2}", "204", "70", "2", "34"]
+    long_solution = {"problem": "p", "solution": "We compute step by step.\nThe result follows."}
+    _, invalid = convert_rows([long_solution], source_file="mem", data_source="mix")
+    assert [i.index for i in invalid] == [0]
+
+
+def test_helpers():
+    assert accepted_answers(142.0) == ["142"] and accepted_answers(2.5) == ["2.5"] and accepted_answers(7) == ["7"]
+    assert accepted_answers("080 or 081 (both were accepted)") == ["080", "081"]
+    assert accepted_answers("\\boxed{5}") == ["5"]
+    assert accepted_answers(" ") is None and accepted_answers(float("nan")) is None and accepted_answers(None) is None
+    assert unwrap_dapo_prompt("plain") == "plain"
+    assert problem_of({"question": "  q "}) == "q" and problem_of({"answer": 1}) is None
+
+
+def test_rows_without_problem_or_with_empty_answer_are_reported():
+    records = [{"problem": "ok", "answer": "1"}, {"problem": "", "answer": "2"}, {"problem": "x", "answer": "  "},
+               {"problem": "y", "answer": float("nan")}]
+    rows, invalid = convert_rows(records, source_file="f.jsonl", data_source="d")
+    assert len(rows) == 1
+    assert [(i.index, i.reason.split(" (")[0]) for i in invalid] == [(1, "no problem"), (2, "no answer"),
+                                                                      (3, "no answer")]
+
+
+def test_read_records_formats_and_errors(tmp_path):
+    (tmp_path / "a.json").write_text(json.dumps([{"problem": "p", "answer": "1"}]))
+    assert read_records(tmp_path / "a.json") == [{"problem": "p", "answer": "1"}]
+    (tmp_path / "b.jsonl").write_text('{"problem": "p"}\nnot json\n')
+    with pytest.raises(DataPrepError, match="b.jsonl line 2: not valid JSON"):
+        read_records(tmp_path / "b.jsonl")
+    (tmp_path / "c.csv").write_text("x")
+    with pytest.raises(DataPrepError, match="unsupported file type '.csv'"):
+        read_records(tmp_path / "c.csv")
+    with pytest.raises(FileNotFoundError, match="no such file"):
+        read_records(tmp_path / "missing.jsonl")
+    with pytest.raises(ValueError, match="on_invalid='drop' is invalid; valid choices: error, skip"):
+        prepare_dataset("x", tmp_path / "a.json", tmp_path, on_invalid="drop")
+
+
+def test_prepare_data_command(tmp_path):
+    """scripts/prepare_data.sh on the shared files: fails on the AIME row by default, skips with a report."""
+    env = {**os.environ, "PYTHON": sys.executable}
+    script = str(REPO / "scripts" / "prepare_data.sh")
+    run = {"capture_output": True, "text": True, "env": env, "timeout": 120}
+    failed = subprocess.run(["bash", script, f"output_dir={tmp_path}"], check=False, **run)
+    assert failed.returncode != 0 and "aime_2021_2024.jsonl row 6: no answer" in failed.stderr
+    ok = subprocess.run(["bash", script, f"output_dir={tmp_path}", "on_invalid=skip"], check=False, **run)
+    assert ok.returncode == 0, ok.stderr[-2000:]
+    assert "aime_2021_2024: 102 rows" in ok.stdout and "amc_2022_2023: 83 rows" in ok.stdout
+    assert "skipped" in ok.stdout and "row 6" in ok.stdout
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        "aime_2021_2024.parquet", "aime_2021_2024.skipped.json", "amc_2022_2023.parquet"]

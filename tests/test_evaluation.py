@@ -1,0 +1,224 @@
+"""verl_ext.evaluation: Pass@k / Avg@k against brute force, aggregation, the grade and generate commands."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from itertools import combinations
+from pathlib import Path
+
+import pytest
+
+from verl_ext.evaluation import avg_at_k, mean_avg_at_k, mean_pass_at_k, pass_at_k
+from verl_ext.evaluation.report import ProblemResult, aggregate, markdown_table
+
+REPO = Path(__file__).resolve().parents[1]
+
+# ----------------------------------------------------------------------------- metrics
+
+
+def brute_force(n: int, c: int, k: int) -> tuple[float, float]:
+    """(pass@k, avg@k) by enumerating every k-subset of n responses, the first c of them correct."""
+    subsets = list(combinations(range(n), k))
+    passed = sum(any(i < c for i in s) for s in subsets) / len(subsets)
+    accuracy = sum(sum(i < c for i in s) / k for s in subsets) / len(subsets)
+    return passed, accuracy
+
+
+@pytest.mark.parametrize("n", range(1, 9))
+def test_pass_and_avg_at_k_match_enumeration(n):
+    for c in range(n + 1):
+        for k in range(1, n + 1):
+            passed, accuracy = brute_force(n, c, k)
+            assert pass_at_k(n, c, k) == pytest.approx(passed, abs=1e-12), (n, c, k)
+            assert avg_at_k(n, c, k) == pytest.approx(accuracy, abs=1e-12), (n, c, k)
+
+
+def test_metrics_by_hand():
+    assert pass_at_k(4, 1, 2) == pytest.approx(0.5)  # 1 - C(3,2)/C(4,2) = 1 - 3/6
+    assert pass_at_k(5, 2, 2) == pytest.approx(0.7)  # 1 - C(3,2)/C(5,2) = 1 - 3/10
+    assert pass_at_k(32, 0, 16) == 0.0 and pass_at_k(32, 32, 16) == 1.0 and pass_at_k(32, 17, 16) == 1.0
+    assert pass_at_k(10, 3, 1) == pytest.approx(0.3)  # pass@1 is the accuracy
+    assert avg_at_k(32, 8, 32) == 0.25 and avg_at_k(4, 1, 2) == 0.25
+    assert mean_pass_at_k([(4, 1), (4, 4)], 2) == pytest.approx((0.5 + 1.0) / 2)
+    assert mean_avg_at_k([(4, 1), (2, 2)], 2) == pytest.approx((0.25 + 1.0) / 2)
+
+
+def test_pass_at_k_is_stable_for_large_n():
+    # C(1000, 500) overflows a float; the product form does not. One correct in 1000, k = 500: 1/2.
+    assert pass_at_k(1000, 1, 500) == pytest.approx(0.5)
+    assert pass_at_k(10_000, 10, 1) == pytest.approx(1e-3)
+
+
+@pytest.mark.parametrize(
+    "args,error,match",
+    [
+        ((4, 5, 1), ValueError, "c=5"),
+        ((4, 1, 5), ValueError, "k=5"),
+        ((4, 1, 0), ValueError, "k=0"),
+        ((0, 0, 1), ValueError, "n=0"),
+        ((4.0, 1, 1), TypeError, "n=4.0"),
+    ],
+)
+def test_metric_arguments_are_checked(args, error, match):
+    with pytest.raises(error, match=match):
+        pass_at_k(*args)
+
+
+def test_aggregate_and_markdown():
+    problems = [
+        ProblemResult("aime", "0", "5", [True, False, False, False], ["5", "1", "2", "3"], [10, 20, 30, 40]),
+        ProblemResult("aime", "1", "7", [True, True, True, True], ["7"] * 4, [10, 10, 10, 10]),
+        ProblemResult("amc", "0", "1", [False, False], ["", ""], [5, 7]),
+    ]
+    table = aggregate(problems, pass_ks=[1, 2], avg_k=None)
+    assert table["aime"] == {
+        "num_problems": 2, "samples_per_problem": 4, "avg@4": pytest.approx((0.25 + 1) / 2),
+        "pass@1": pytest.approx((0.25 + 1) / 2), "pass@2": pytest.approx((0.5 + 1) / 2),
+        "mean_response_length": pytest.approx(17.5),  # (10+20+30+40+4*10)/8
+    }
+    assert table["amc"]["avg@2"] == 0 and table["amc"]["pass@2"] == 0 and table["amc"]["mean_response_length"] == 6
+    md = markdown_table(table, "tokens")
+    assert "| dataset | problems | samples | Avg@4 | Pass@1 | Pass@2 | Avg@2 | mean length (tokens) |" in md
+    assert "| aime | 2 | 4 | 62.50 | 62.50 | 75.00 | - | 17.5 |" in md
+    assert "| amc | 1 | 2 | - | 0.00 | 0.00 | 0.00 | 6.0 |" in md
+    with pytest.raises(ValueError, match="k=4 is larger than the 2 samples of problem '0' in 'amc'"):
+        aggregate(problems, pass_ks=[4], avg_k=None)
+
+
+# ----------------------------------------------------------------------------- commands
+
+
+def _env() -> dict:
+    return {**os.environ, "WANDB_MODE": "", "WANDB_API_KEY": "", "PYTHON": sys.executable}
+
+
+def test_grade_command_end_to_end(tmp_path):
+    """scripts/evaluate.sh on a small jsonl: forms of right answers, wrong ones, no box, mapped columns."""
+    rows = []
+    answers = {"p0": ("142.0", ["\\boxed{142}", "\\boxed{141}", "no answer", "\\boxed{\\frac{284}{2}}"]),
+               "p1": ("\\frac{1}{2}", ["\\boxed{0.5}", "\\boxed{\\dfrac{2}{4}}", "\\boxed{1/2}", "\\boxed{2}"]),
+               "p2": ("(1,2]", ["\\boxed{[1,2]}", "\\boxed{9^{9^{9}}}", "x" * 5000, "\\boxed{(1,2)}"])}
+    for pid, (truth, responses) in answers.items():
+        for s, response in enumerate(responses):
+            rows.append({"qid": pid, "text": f"reasoning... {response}", "answer": truth, "data_source": "toy",
+                         "sample": s})
+    gens = tmp_path / "gens.jsonl"
+    gens.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    out = tmp_path / "out"
+    cmd = ["bash", str(REPO / "scripts" / "evaluate.sh"), f"generations={gens}", f"output_dir={out}",
+           "columns.prompt_id=qid", "columns.response=text", "columns.ground_truth=answer",
+           "metrics.pass_ks=[1,2,4]", "grader.timeout_s=2.0", "grader.num_workers=1", "show_progress=false"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, check=False, env=_env(), timeout=120)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads((out / "results.json").read_text())["datasets"]["toy"]
+    # per problem correct: p0 2/4, p1 3/4, p2 0/4
+    assert result["avg@4"] == pytest.approx((0.5 + 0.75 + 0) / 3)
+    assert result["pass@1"] == pytest.approx((0.5 + 0.75 + 0) / 3)
+    assert result["pass@2"] == pytest.approx((pass_at_k(4, 2, 2) + pass_at_k(4, 3, 2)) / 3)
+    assert result["pass@4"] == pytest.approx(2 / 3)
+    per_problem = [json.loads(line) for line in (out / "per_problem.jsonl").read_text().splitlines()]
+    assert {p["prompt_id"]: p["correct"] for p in per_problem} == {
+        "p0": [True, False, False, True], "p1": [True, True, True, False], "p2": [False, False, False, False]}
+    assert "| toy | 3 | 4 | 41.67 |" in (out / "results.md").read_text()
+    assert "mean length (chars)" in (out / "results.md").read_text()
+    assert not list(out.glob(".*")), "temporary files left behind"
+
+
+def test_grade_command_reports_missing_columns(tmp_path):
+    gens = tmp_path / "gens.jsonl"
+    gens.write_text(json.dumps({"id": 0, "response": "\\boxed{1}", "ground_truth": "1", "data_source": "x"}) + "\n")
+    proc = subprocess.run(
+        ["bash", str(REPO / "scripts" / "evaluate.sh"), f"generations={gens}", f"output_dir={tmp_path / 'o'}"],
+        capture_output=True, text=True, check=False, env=_env(), timeout=120,
+    )
+    assert proc.returncode != 0
+    assert "missing prompt_id (column 'prompt_id')" in proc.stderr and "columns.<key>" in proc.stderr
+
+
+def _compose(overrides: list[str]):
+    from hydra import compose, initialize_config_dir
+
+    with initialize_config_dir(config_dir=str(REPO / "configs"), version_base=None):
+        return compose(config_name="evaluate", overrides=overrides)
+
+
+def test_generate_then_grade_on_tiny_model(tmp_path):
+    """Generate with the tiny Qwen2 (transformers on CPU) on its arithmetic parquet, then grade."""
+    import torch
+
+    from verl_ext.evaluation.command import run
+    from verl_ext.tiny_assets import ensure_tiny_assets
+
+    assets = ensure_tiny_assets()
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # tiny matrices: threads only add contention on a shared CPU
+    cfg = _compose([
+        f"model.path={assets.model_dir}", "model.backend=hf", "model.device=cpu",
+        f"data.files=[{assets.val_parquet}]", "data.max_problems=6",
+        "sampling.n=4", "sampling.max_new_tokens=12", "sampling.batch_size=24", "sampling.seed=1",
+        "metrics.pass_ks=[1,4]", f"output_dir={tmp_path}", "show_progress=false", "grader.num_workers=1",
+    ])
+    try:
+        out = run(cfg)
+    finally:
+        torch.set_num_threads(threads)
+    gens = [json.loads(line) for line in (tmp_path / "generations.jsonl").read_text().splitlines()]
+    assert len(gens) == 6 * 4 and {g["data_source"] for g in gens} == {"tiny_arith"}
+    assert all(1 <= g["response_length"] <= 12 and g["finish_reason"] in ("stop", "length") for g in gens)
+    row = out["table"]["tiny_arith"]
+    assert row["num_problems"] == 6 and row["samples_per_problem"] == 4
+    # independent recount from the written generations
+    from verl_ext.reward import is_correct
+
+    per_problem: dict[str, list[bool]] = {}
+    for g in gens:
+        per_problem.setdefault(g["prompt_id"], []).append(is_correct(g["response"], g["ground_truth"]))
+    assert row["avg@4"] == pytest.approx(sum(sum(v) / 4 for v in per_problem.values()) / 6)
+    assert row["pass@4"] == pytest.approx(sum(any(v) for v in per_problem.values()) / 6)
+    assert 0 < row["avg@4"] < 1, "the tiny model should answer some but not all right"
+    assert "mean length (tokens)" in (tmp_path / "results.md").read_text()
+
+
+def test_generate_checks_k_before_sampling(tmp_path):
+    from verl_ext.evaluation.command import EvaluationError, run
+
+    cfg = _compose(["model.path=/nonexistent", "sampling.n=4", "metrics.pass_ks=[16]", f"output_dir={tmp_path}"])
+    with pytest.raises(EvaluationError, match=r"metrics k=16 is invalid with sampling.n=4"):
+        run(cfg)
+    cfg = _compose(["mode=score"])
+    with pytest.raises(EvaluationError, match="mode='score' is invalid; valid choices: auto, grade, generate"):
+        run(cfg)
+
+
+def test_wandb_only_when_configured(monkeypatch):
+    """wandb is used only with WANDB_MODE or WANDB_API_KEY set; then the table's numbers are logged."""
+    import types
+
+    from verl_ext.evaluation import report
+
+    monkeypatch.delenv("WANDB_MODE", raising=False)
+    monkeypatch.delenv("WANDB_API_KEY", raising=False)
+    assert not report.wandb_enabled()
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    assert report.wandb_enabled()
+
+    logged, finished = [], []
+
+    class Run:
+        def log(self, data):
+            logged.append(data)
+
+        def finish(self):
+            finished.append(True)
+
+    fake = types.SimpleNamespace(init=lambda **kw: Run(), Table=lambda columns, data: ("table", columns, data))
+    monkeypatch.setitem(sys.modules, "wandb", fake)
+    table = {"aime": {"num_problems": 2, "samples_per_problem": 4, "avg@4": 0.5, "pass@2": 0.75,
+                      "mean_response_length": 12.0}}
+    report.log_to_wandb(table, {"x": 1}, project="p", name=None)
+    assert logged[0] == {"eval/aime/num_problems": 2, "eval/aime/samples_per_problem": 4, "eval/aime/avg@4": 0.5,
+                         "eval/aime/pass@2": 0.75, "eval/aime/mean_response_length": 12.0}
+    assert logged[1]["eval/table"][1][0] == "dataset" and finished == [True]

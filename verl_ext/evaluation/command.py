@@ -1,0 +1,183 @@
+"""The evaluation command (hydra; config `configs/evaluate.yaml`, wrapper `scripts/evaluate.sh`).
+
+    # (a) grade an existing .jsonl / .parquet of generations (one row per response)
+    bash scripts/evaluate.sh generations=outputs/gens.jsonl metrics.pass_ks=[1,4]
+    # (b) generate with a model, then grade (paper defaults: 32 samples, temperature 1.0, top-p 0.7)
+    bash scripts/evaluate.sh model.path=/models/Qwen2.5-Math-7B data.files=[data/prepared/aime24.parquet]
+
+`mode=auto` grades when `generations` is set and generates otherwise. Outputs under
+`output_dir`: generations.jsonl (mode generate), per_problem.jsonl, results.json, results.md;
+to wandb as well when WANDB_MODE or WANDB_API_KEY is set.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import hydra
+from omegaconf import DictConfig, OmegaConf
+
+from verl_ext.evaluation.report import (
+    aggregate,
+    grade_records,
+    group_by_problem,
+    log_to_wandb,
+    markdown_table,
+    wandb_enabled,
+    write_jsonl,
+    write_results,
+)
+
+REPO = Path(__file__).resolve().parents[2]
+MODES = ("auto", "grade", "generate")
+REQUIRED_COLUMNS = ("prompt_id", "response", "ground_truth", "data_source")
+
+
+class EvaluationError(ValueError):
+    pass
+
+
+def resolve_mode(cfg: DictConfig) -> str:
+    if cfg.mode not in MODES:
+        raise EvaluationError(f"mode={cfg.mode!r} is invalid; valid choices: {', '.join(MODES)}")
+    if cfg.mode == "auto":
+        return "grade" if cfg.generations else "generate"
+    if cfg.mode == "grade" and not cfg.generations:
+        raise EvaluationError("mode=grade needs generations=<file of generations (.jsonl or .parquet)>")
+    return cfg.mode
+
+
+def _read_table(path: Path) -> list[dict]:
+    from verl_ext.data_prep import read_records
+
+    if not path.exists():
+        raise FileNotFoundError(f"{path}: no such file")
+    if path.suffix not in (".jsonl", ".parquet", ".json"):
+        raise EvaluationError(f"{path}: unsupported file type {path.suffix!r}; valid: .jsonl, .parquet, .json")
+    return read_records(path)
+
+
+def read_generations(path: str | Path, columns: dict) -> list[dict]:
+    """Records with the canonical keys (`REQUIRED_COLUMNS`, optional `response_length`,
+    `accepted_answers`) from a file whose column names are given by `columns`."""
+    path = Path(path)
+    rows = _read_table(path)
+    if not rows:
+        raise EvaluationError(f"{path}: no generations")
+    missing = [f"{key} (column {columns[key]!r})" for key in REQUIRED_COLUMNS if columns[key] not in rows[0]]
+    if missing:
+        raise EvaluationError(
+            f"{path}: missing {', '.join(missing)}; the file has columns {sorted(rows[0])}; "
+            "map yours with columns.<key>=<your column name>"
+        )
+    records = []
+    for i, row in enumerate(rows):
+        record = {key: row.get(columns[key]) for key in (*REQUIRED_COLUMNS, "response_length", "accepted_answers")}
+        for key in REQUIRED_COLUMNS:
+            if record[key] is None:
+                raise EvaluationError(f"{path} row {i}: {key} (column {columns[key]!r}) is empty")
+        records.append(record)
+    return records
+
+
+def load_problems(files: list[str], max_problems: int | None) -> list[dict]:
+    """Problems from verl parquet files (`verl_ext.data_prep` output): messages, ids, ground truth."""
+    if not files:
+        raise EvaluationError("data.files is empty: give verl parquet files (bash scripts/prepare_data.sh writes them)")
+    problems = []
+    for file in files:
+        path = Path(file)
+        if not path.exists():
+            raise FileNotFoundError(f"data.files: {path} does not exist (bash scripts/prepare_data.sh writes them)")
+        rows = _read_table(path)
+        needed = ("prompt", "data_source", "reward_model")
+        missing = [c for c in needed if rows and c not in rows[0]]
+        if missing:
+            raise EvaluationError(f"{path}: not a verl RL parquet, missing columns {missing}; it has {sorted(rows[0])}")
+        for i, row in enumerate(rows[:max_problems] if max_problems else rows):
+            extra = row.get("extra_info") or {}
+            problems.append({
+                "messages": [dict(m) for m in row["prompt"]],
+                "data_source": row["data_source"],
+                "prompt_id": f"{path.stem}:{extra.get('index', i)}",
+                "ground_truth": row["reward_model"]["ground_truth"],
+                "accepted_answers": list(extra.get("accepted_answers") or []),
+            })
+    return problems
+
+
+def check_ks(cfg: DictConfig, n: int) -> None:
+    for k in [*(cfg.metrics.pass_ks or []), *([cfg.metrics.avg_k] if cfg.metrics.avg_k else [])]:
+        if not isinstance(k, int) or k < 1 or k > n:
+            raise EvaluationError(
+                f"metrics k={k!r} is invalid with sampling.n={n}: each of metrics.pass_ks and metrics.avg_k "
+                f"must be an integer in [1, {n}]"
+            )
+
+
+def generate_records(cfg: DictConfig) -> list[dict]:
+    """Sample `sampling.n` responses per problem of `data.files` with `model.path`: generation records."""
+    from transformers import AutoTokenizer
+
+    from verl_ext.generation import encode_messages, load_hf_model, resolve_backend, sample_responses
+
+    if not cfg.model.path:
+        raise EvaluationError("model.path is not set (or pass generations=<file> to grade existing generations)")
+    check_ks(cfg, cfg.sampling.n)
+    problems = load_problems(list(cfg.data.files), cfg.data.max_problems)
+    tokenizer = AutoTokenizer.from_pretrained(cfg.model.tokenizer or cfg.model.path)
+    prompts = [encode_messages(tokenizer, p["messages"], cfg.model.use_chat_template) for p in problems]
+    backend = resolve_backend(cfg.model.backend)
+    model = load_hf_model(cfg.model.path, cfg.model.device, cfg.model.dtype) if backend == "hf" else cfg.model.path
+    s = cfg.sampling
+    generations = sample_responses(
+        model, tokenizer, prompts, s.n, temperature=s.temperature, top_p=s.top_p, top_k=s.top_k,
+        max_new_tokens=s.max_new_tokens, seed=s.seed, batch_size=s.batch_size, backend=backend,
+        device=cfg.model.device, show_progress=cfg.show_progress,
+    )
+    return [
+        {
+            "data_source": problems[g.prompt_index]["data_source"],
+            "prompt_id": problems[g.prompt_index]["prompt_id"],
+            "sample_index": g.sample_index,
+            "ground_truth": problems[g.prompt_index]["ground_truth"],
+            "accepted_answers": problems[g.prompt_index]["accepted_answers"],
+            "response": g.response_text,
+            "response_length": len(g.response_ids),
+            "finish_reason": g.finish_reason,
+        }
+        for g in generations
+    ]
+
+
+def run(cfg: DictConfig) -> dict:
+    """Generate (mode generate) or read (mode grade) generations, grade, aggregate, write; returns the table."""
+    from verl_ext.reward import configure_grader
+
+    mode = resolve_mode(cfg)
+    output_dir = Path(cfg.output_dir)
+    if mode == "generate":
+        records = generate_records(cfg)
+        write_jsonl(output_dir / "generations.jsonl", records)
+    else:
+        records = read_generations(cfg.generations, dict(cfg.columns))
+    length_unit = "tokens" if all(r.get("response_length") is not None for r in records) else "chars"
+    configure_grader(cfg.grader.num_workers)
+    graded = grade_records(records, cfg.grader.timeout_s, cfg.show_progress)
+    problems = group_by_problem(records, graded)
+    table = aggregate(problems, list(cfg.metrics.pass_ks or []), cfg.metrics.avg_k)
+    settings = OmegaConf.to_container(cfg, resolve=True)
+    paths = write_results(output_dir, problems, table, length_unit, settings)
+    print(markdown_table(table, length_unit), end="")
+    print(f"[evaluate] results: {paths['markdown']}, {paths['json']}, {paths['per_problem']}")
+    if wandb_enabled():
+        log_to_wandb(table, settings, cfg.wandb.project, cfg.wandb.name)
+    return {"table": table, "paths": paths, "problems": problems, "mode": mode}
+
+
+@hydra.main(version_base=None, config_path=str(REPO / "configs"), config_name="evaluate")
+def main(cfg: DictConfig) -> None:
+    try:
+        run(cfg)
+    except (EvaluationError, FileNotFoundError, ValueError) as err:
+        raise SystemExit(f"[evaluate] error: {err}") from None

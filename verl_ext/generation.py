@@ -1,0 +1,300 @@
+"""Batched sampling of responses, shared by evaluation and the Δlog p analysis.
+
+- `format_problem` / `problem_to_messages` / `encode_problem`: the paper's prompt, the problem
+  followed by "Please reason step by step, and put your final answer within \\boxed{}." in the
+  model's chat template.
+- `sample_responses(model, tokenizer, prompts, n, ...)`: `n` samples per prompt (token ids in,
+  `Generation`s out, ordered by prompt then sample), with transformers (`backend="hf"`, batched
+  with left padding, stops at end-of-sequence) or vLLM (`backend="vllm"`, imported lazily).
+  `backend="auto"` picks vLLM when it is importable and a GPU is present.
+
+Sampling is exactly temperature / top-p / top-k as given: the model's own generation defaults
+(repetition penalty, top-k 50, ...) are not applied.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import Any
+
+PROMPT_SUFFIX = "Please reason step by step, and put your final answer within \\boxed{}."
+BACKENDS = ("hf", "vllm", "auto")
+
+
+@dataclass
+class Generation:
+    """One sampled response. `response_ids` include the end-of-sequence token when one was produced."""
+
+    prompt_index: int
+    sample_index: int
+    prompt_ids: list[int]
+    response_ids: list[int]
+    response_text: str
+    finish_reason: str  # "stop" (end-of-sequence) or "length" (max_new_tokens reached)
+
+
+# ----------------------------------------------------------------------------- prompts
+
+
+def format_problem(problem: str, suffix: str = PROMPT_SUFFIX) -> str:
+    """User message: the problem, a newline, the instruction suffix."""
+    if not isinstance(problem, str) or not problem.strip():
+        raise ValueError(f"problem must be a non-empty string, got {problem!r}")
+    return f"{problem.strip()}\n{suffix}" if suffix else problem.strip()
+
+
+def problem_to_messages(problem: str, suffix: str = PROMPT_SUFFIX) -> list[dict[str, str]]:
+    """Chat messages for a problem: one user turn (`format_problem`)."""
+    return [{"role": "user", "content": format_problem(problem, suffix)}]
+
+
+def encode_messages(tokenizer, messages: list[dict[str, str]], use_chat_template: bool = True) -> list[int]:
+    """Token ids of `messages` in the tokenizer's chat template with the assistant turn opened.
+
+    `use_chat_template=False`: the user turns' text joined by newlines, without special tokens
+    (for base models without a template).
+    """
+    if use_chat_template:
+        if not getattr(tokenizer, "chat_template", None):
+            raise ValueError(
+                f"tokenizer {getattr(tokenizer, 'name_or_path', tokenizer)!r} has no chat template: "
+                "give one or encode without it (use_chat_template=False)"
+            )
+        text = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+    else:
+        text = "\n".join(m["content"] for m in messages)
+    return list(tokenizer(text, add_special_tokens=False)["input_ids"])
+
+
+def encode_problem(tokenizer, problem: str, suffix: str = PROMPT_SUFFIX, use_chat_template: bool = True) -> list[int]:
+    """`encode_messages(problem_to_messages(problem, suffix))`."""
+    return encode_messages(tokenizer, problem_to_messages(problem, suffix), use_chat_template)
+
+
+# ----------------------------------------------------------------------------- validation
+
+
+def check_sampling_args(n: int, temperature: float, top_p: float, top_k: int, max_new_tokens: int, batch_size: int) -> None:
+    """Raise ValueError naming the first invalid argument and its valid range."""
+    checks = [
+        ("n", n, isinstance(n, int) and n >= 1, "an integer >= 1"),
+        ("temperature", temperature, temperature >= 0, ">= 0 (0 = greedy)"),
+        ("top_p", top_p, 0 < top_p <= 1, "in (0, 1]"),
+        ("top_k", top_k, isinstance(top_k, int) and (top_k == -1 or top_k >= 1), "-1 (off) or an integer >= 1"),
+        ("max_new_tokens", max_new_tokens, isinstance(max_new_tokens, int) and max_new_tokens >= 1, "an integer >= 1"),
+        ("batch_size", batch_size, isinstance(batch_size, int) and batch_size >= 1, "an integer >= 1"),
+    ]
+    for name, value, ok, valid in checks:
+        if not ok:
+            raise ValueError(f"{name}={value!r} is invalid: must be {valid}")
+
+
+def vllm_available() -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec("vllm") is not None
+
+
+def resolve_backend(backend: str) -> str:
+    """"hf" | "vllm" as given; "auto" -> "vllm" when vLLM is importable and a CUDA GPU is present, else "hf"."""
+    if backend not in BACKENDS:
+        raise ValueError(f"backend={backend!r} is invalid; valid choices: {', '.join(BACKENDS)}")
+    if backend != "auto":
+        return backend
+    import torch
+
+    return "vllm" if vllm_available() and torch.cuda.is_available() else "hf"
+
+
+# ----------------------------------------------------------------------------- sampling
+
+
+def sample_responses(
+    model: Any,
+    tokenizer: Any,
+    prompts: list[list[int]],
+    n: int,
+    *,
+    temperature: float = 1.0,
+    top_p: float = 1.0,
+    top_k: int = -1,
+    max_new_tokens: int,
+    seed: int = 0,
+    batch_size: int = 32,
+    backend: str = "hf",
+    device: Any = None,
+    show_progress: bool = True,
+) -> list[Generation]:
+    """`n` samples for each prompt (token ids), ordered by (prompt_index, sample_index).
+
+    `model` is a loaded model (a transformers causal LM for "hf", a `vllm.LLM` for "vllm") or a
+    path / hub id to load. `tokenizer` may be None when `model` is a path (loaded from it).
+    Deterministic for a fixed seed, batch size, backend and device. `temperature=0` is greedy.
+    """
+    check_sampling_args(n, temperature, top_p, top_k, max_new_tokens, batch_size)
+    if not prompts:
+        return []
+    for i, p in enumerate(prompts):
+        if len(p) == 0:
+            raise ValueError(f"prompt {i} is empty: every prompt needs at least one token")
+    backend = resolve_backend(backend)
+    if tokenizer is None:
+        if not isinstance(model, (str, os.PathLike)):
+            raise ValueError("tokenizer is None: give a tokenizer, or pass the model as a path to load both")
+        from transformers import AutoTokenizer
+
+        tokenizer = AutoTokenizer.from_pretrained(str(model))
+    args = {"temperature": temperature, "top_p": top_p, "top_k": top_k, "max_new_tokens": max_new_tokens, "seed": seed}
+    if backend == "vllm":
+        return _sample_vllm(model, tokenizer, prompts, n, show_progress=show_progress, **args)
+    return _sample_hf(model, tokenizer, prompts, n, batch_size=batch_size, device=device, show_progress=show_progress, **args)
+
+
+def _resolve_device(device):
+    import torch
+
+    if device is not None:
+        return torch.device(device)
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def load_hf_model(path: str, device=None, dtype: str | None = None):
+    """A transformers causal LM in eval mode: bfloat16 on GPU, float32 on CPU unless `dtype` says otherwise."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    device = _resolve_device(device)
+    torch_dtype = getattr(torch, dtype) if dtype else (torch.bfloat16 if device.type == "cuda" else torch.float32)
+    model = AutoModelForCausalLM.from_pretrained(str(path), dtype=torch_dtype)
+    return model.to(device).eval()
+
+
+def eos_token_ids(model, tokenizer) -> list[int]:
+    """End-of-sequence ids: the tokenizer's plus the model's generation config's (int or list)."""
+    ids: list[int] = []
+    candidates = [getattr(tokenizer, "eos_token_id", None)]
+    gen_config = getattr(model, "generation_config", None)
+    if gen_config is not None:
+        candidates.append(gen_config.eos_token_id)
+    for c in candidates:
+        for i in c if isinstance(c, (list, tuple)) else [c]:
+            if i is not None and int(i) not in ids:
+                ids.append(int(i))
+    if not ids:
+        raise ValueError("neither the tokenizer nor the model's generation config defines an eos token id")
+    return ids
+
+
+def cut_at_eos(ids: list[int], eos_ids: list[int]) -> tuple[list[int], str]:
+    """Keep tokens up to and including the first eos: (ids, "stop"), else (ids, "length")."""
+    eos = set(eos_ids)
+    for i, tok in enumerate(ids):
+        if tok in eos:
+            return ids[: i + 1], "stop"
+    return ids, "length"
+
+
+def left_pad(batch: list[list[int]], pad_id: int) -> tuple[list[list[int]], list[list[int]]]:
+    """(input_ids, attention_mask), left-padded to the longest sequence."""
+    width = max(len(x) for x in batch)
+    ids = [[pad_id] * (width - len(x)) + list(x) for x in batch]
+    mask = [[0] * (width - len(x)) + [1] * len(x) for x in batch]
+    return ids, mask
+
+
+def _sample_hf(model, tokenizer, prompts, n, *, temperature, top_p, top_k, max_new_tokens, seed, batch_size, device,
+               show_progress):
+    import torch
+    from transformers import GenerationConfig
+
+    if isinstance(model, (str, os.PathLike)):
+        model = load_hf_model(model, device)
+    elif device is not None:
+        model = model.to(_resolve_device(device))
+    model.eval()
+    run_device = next(model.parameters()).device
+    eos_ids = eos_token_ids(model, tokenizer)
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos_ids[0]
+    greedy = temperature == 0
+    config = GenerationConfig(
+        do_sample=not greedy,
+        temperature=None if greedy else float(temperature),
+        top_p=None if greedy else float(top_p),
+        top_k=0 if greedy or top_k == -1 else int(top_k),
+        min_p=None if greedy else 0.0,
+        repetition_penalty=1.0,
+        max_new_tokens=max_new_tokens,
+        eos_token_id=eos_ids,
+        pad_token_id=pad_id,
+    )
+    # Similar lengths together (less padding); the order, hence the result, depends only on the inputs.
+    jobs = sorted(((p, s) for p in range(len(prompts)) for s in range(n)), key=lambda j: (-len(prompts[j[0]]), j))
+    batches = [jobs[i : i + batch_size] for i in range(0, len(jobs), batch_size)]
+    progress = None
+    if show_progress:
+        from tqdm import tqdm
+
+        progress = tqdm(total=len(jobs), desc="sampling", unit="response")
+    results: dict[tuple[int, int], Generation] = {}
+    fork_devices = [run_device] if run_device.type == "cuda" else []
+    for b, batch in enumerate(batches):
+        ids, mask = left_pad([prompts[p] for p, _ in batch], pad_id)
+        input_ids = torch.tensor(ids, device=run_device)
+        with torch.random.fork_rng(devices=fork_devices), torch.no_grad():
+            torch.manual_seed(seed * 1_000_003 + b)
+            out = model.generate(
+                input_ids=input_ids, attention_mask=torch.tensor(mask, device=run_device), generation_config=config
+            )
+        for row, (p, s) in enumerate(batch):
+            response, reason = cut_at_eos(out[row, input_ids.shape[1] :].tolist(), eos_ids)
+            results[(p, s)] = Generation(
+                prompt_index=p,
+                sample_index=s,
+                prompt_ids=list(prompts[p]),
+                response_ids=response,
+                response_text=tokenizer.decode(response, skip_special_tokens=True),
+                finish_reason=reason,
+            )
+        if progress is not None:
+            progress.update(len(batch))
+    if progress is not None:
+        progress.close()
+    return [results[key] for key in sorted(results)]
+
+
+def _sample_vllm(model, tokenizer, prompts, n, *, temperature, top_p, top_k, max_new_tokens, seed, show_progress):
+    try:
+        from vllm import LLM, SamplingParams
+    except ImportError as err:
+        raise ImportError(
+            "backend='vllm' needs vLLM, which is not installed: `pip install -e .[gpu]` on a GPU machine, "
+            "or use backend='hf'"
+        ) from err
+    llm = LLM(model=str(model), seed=seed) if isinstance(model, (str, os.PathLike)) else model
+    params = SamplingParams(
+        n=n,
+        temperature=float(temperature),
+        top_p=float(top_p),
+        top_k=int(top_k),
+        max_tokens=max_new_tokens,
+        seed=seed,
+        skip_special_tokens=True,
+    )
+    outputs = llm.generate([{"prompt_token_ids": list(p)} for p in prompts], sampling_params=params, use_tqdm=show_progress)
+    generations = []
+    for p, request in enumerate(outputs):
+        for s, completion in enumerate(request.outputs):
+            generations.append(
+                Generation(
+                    prompt_index=p,
+                    sample_index=s,
+                    prompt_ids=list(prompts[p]),
+                    response_ids=list(completion.token_ids),
+                    response_text=completion.text
+                    if completion.text is not None
+                    else tokenizer.decode(list(completion.token_ids), skip_special_tokens=True),
+                    finish_reason="stop" if completion.finish_reason == "stop" else "length",
+                )
+            )
+    return generations
