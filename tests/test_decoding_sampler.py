@@ -1,0 +1,258 @@
+"""Pure parts of two-model decoding: random streams, criteria, the two-stage sampler.
+
+Every check compares against an independent computation (plain Python / NumPy formulas), or
+against the sampling law p(y) = p_prop(y)(1 − g(y)) + [Σ p_prop g]·q(y) with a chi-square test.
+"""
+
+import math
+
+import numpy as np
+import pytest
+import torch
+from scipy import stats
+
+from verl_ext.decoding import rng
+from verl_ext.decoding.criteria import CRITERIA, GateInputs, criterion_score, gate, get_criterion
+from verl_ext.decoding.sampler import (
+    DecodingRule,
+    base_top_k_view,
+    gate_and_resample,
+    sample_from_log_probs,
+    two_stage_step,
+)
+
+M64 = (1 << 64) - 1
+
+
+# ----------------------------------------------------------------------------- references
+
+
+def py_splitmix64(x: int) -> int:
+    z = (x + 0x9E3779B97F4A7C15) & M64
+    z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & M64
+    z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & M64
+    return z ^ (z >> 31)
+
+
+def np_softmax(z):
+    z = np.asarray(z, dtype=np.float64)
+    e = np.exp(z - z.max())
+    return e / e.sum()
+
+
+def np_nucleus(p, top_p):
+    """Keep the most probable tokens until their mass reaches top_p (ties broken by index)."""
+    order = sorted(range(len(p)), key=lambda i: (-p[i], i))
+    keep, mass = np.zeros(len(p), dtype=bool), 0.0
+    for i in order:
+        if mass >= top_p:
+            break
+        keep[i] = True
+        mass += p[i]
+    q = np.where(keep, p, 0.0)
+    return q / q.sum()
+
+
+def law_two_stage(lb, lr, g, rule):
+    """p(y) = p_prop(y)(1 − g(y)) + [Σ_y' p_prop(y') g(y')] q(y), all from NumPy formulas."""
+    lb, lr = np.log(np_softmax(lb)), np.log(np_softmax(lr))
+    prop_logits = lb if rule.propose_from == "base" else lr
+    p_prop = np_nucleus(np_softmax(prop_logits / rule.temperature), rule.top_p)
+    gamma = rule.gamma if rule.action == "extrapolate" else 0.0
+    q0 = np.log(np_softmax((1 + gamma) * lr - gamma * lb))
+    q = np_nucleus(np_softmax(q0 / rule.temperature), rule.top_p)
+    return p_prop * (1 - g) + (p_prop * g).sum() * q
+
+
+def draw_many(lb, lr, rule, n=30_000, seed=0):
+    logp_b = torch.log_softmax(torch.tensor(lb, dtype=torch.float64), -1).expand(n, -1)
+    logp_r = torch.log_softmax(torch.tensor(lr, dtype=torch.float64), -1).expand(n, -1)
+    keys = rng.sequence_keys(seed, torch.arange(n))
+    pos = torch.zeros(n, dtype=torch.long)
+    u = [rng.uniforms(keys, pos, s) for s in (rng.STREAM_PROPOSAL, rng.STREAM_GATE, rng.STREAM_RESAMPLE)]
+    return two_stage_step(logp_b, logp_r, *u, rule)
+
+
+def assert_matches_law(tokens, law, alpha=1e-3):
+    counts = np.bincount(tokens.numpy(), minlength=len(law))
+    assert counts[law == 0].sum() == 0, "sampled a token of probability 0"
+    support = law > 0
+    expected = law[support] * counts.sum()
+    p_value = stats.chisquare(counts[support], expected).pvalue
+    assert p_value > alpha, (counts, expected, p_value)
+
+
+LB = np.array([1.2, 0.9, 0.1, -0.4, -1.0, -2.5, 0.6])
+LR = np.array([0.2, 1.8, 0.4, -0.3, -3.0, -0.5, 0.6])
+
+
+# ----------------------------------------------------------------------------- rng
+
+
+def test_splitmix64_known_values_and_python_reference():
+    # SplitMix64 seeded with 0: state advances by φ each call; first outputs are published constants.
+    outs = rng.splitmix64(torch.tensor([0, rng._GOLDEN, rng._signed((2 * 0x9E3779B97F4A7C15) & M64)]))
+    assert [int(o) & M64 for o in outs] == [0xE220A8397B1DCDAF, 0x6E789E6AA1B965F4, 0x06C45D188009454F]
+    xs = np.random.default_rng(0).integers(-(2**63), 2**63 - 1, size=200, dtype=np.int64)
+    got = rng.splitmix64(torch.from_numpy(xs))
+    assert [int(g) & M64 for g in got] == [py_splitmix64(int(x) & M64) for x in xs]
+
+
+def test_uniforms_are_uniform_and_streams_independent():
+    keys = rng.sequence_keys(7, torch.arange(4000))
+    pos = torch.arange(4000) % 13
+    u0, u1 = rng.uniforms(keys, pos, 0), rng.uniforms(keys, pos, 1)
+    assert u0.dtype == torch.float64 and float(u0.min()) >= 0 and float(u0.max()) < 1
+    assert stats.kstest(u0.numpy(), "uniform").pvalue > 1e-3
+    assert abs(np.corrcoef(u0.numpy(), u1.numpy())[0, 1]) < 0.06
+    # the same key/position/stream gives the same number whatever it is batched with
+    assert rng.uniforms(keys[5:6], pos[5:6], 0).item() == u0[5].item()
+    assert rng.sequence_keys(7, torch.tensor([3])).item() != rng.sequence_keys(8, torch.tensor([3])).item()
+
+
+# ----------------------------------------------------------------------------- inverse CDF
+
+
+def test_inverse_cdf_matches_python_and_skips_zero_mass():
+    p = torch.tensor([0.0, 0.25, 0.0, 0.5, 0.25, 0.0], dtype=torch.float64)
+    logp = p.log()
+    us = torch.tensor([0.0, 0.1, 0.2499, 0.25, 0.5, 0.74, 0.75, 0.999999, 1 - 2**-53], dtype=torch.float64)
+    got = sample_from_log_probs(logp.expand(len(us), -1), us).tolist()
+    cdf = np.cumsum(p.numpy())
+    want = [min(int(np.searchsorted(cdf, u, side="right")), 4) for u in us.tolist()]
+    assert got == want
+    assert all(p[g] > 0 for g in got)
+
+
+# ----------------------------------------------------------------------------- criteria
+
+
+def _probs(seed, n=5, v=9):
+    g = torch.Generator().manual_seed(seed)
+    return (torch.log_softmax(torch.randn(n, v, generator=g, dtype=torch.float64) * 2, -1) for _ in range(2))
+
+
+def test_criterion_scores_match_numpy():
+    lb, lr = _probs(1)
+    token = torch.tensor([0, 3, 8, 2, 5])
+    u = torch.rand(5, dtype=torch.float64)
+    x = GateInputs(lb, lr, lr.gather(1, token[:, None]).squeeze(1) - lb.gather(1, token[:, None]).squeeze(1), u)
+    P, Q = lb.exp().numpy(), lr.exp().numpy()
+    ent = lambda a: -(a * np.log(a)).sum(1)
+    kl = lambda a, b: (a * (np.log(a) - np.log(b))).sum(1)
+    want = {
+        "entropy_base": ent(P),
+        "entropy_rl": ent(Q),
+        "kl_rl_base": kl(Q, P),
+        "kl_base_rl": kl(P, Q),
+        "avg_kl": 0.5 * (kl(P, Q) + kl(Q, P)),
+        "delta_logp": np.log(Q[range(5), token]) - np.log(P[range(5), token]),
+        "random": u.numpy(),
+    }
+    for name, w in want.items():
+        np.testing.assert_allclose(criterion_score(name, x).numpy(), w, rtol=1e-10, err_msg=name)
+    s = torch.tensor([-1.0, 0.5, 2.0])
+    assert gate("avg_kl", s, 0.5).tolist() == [False, False, True]
+    assert gate("delta_logp", s, 0.5).tolist() == [True, False, False]
+    assert gate("none", s, 0.5).tolist() == [False] * 3
+    assert gate("all", s, 0.5).tolist() == [True] * 3
+    assert set(CRITERIA) == {"entropy_base", "entropy_rl", "kl_rl_base", "kl_base_rl", "avg_kl", "delta_logp",
+                             "random", "none", "all"}
+
+
+def test_unknown_names_raise_with_valid_choices():
+    with pytest.raises(ValueError, match="valid criteria: entropy_base, entropy_rl.*delta_logp.*none, all"):
+        get_criterion("entropy")
+    with pytest.raises(ValueError, match="valid criteria"):
+        DecodingRule(criterion="kl")
+    with pytest.raises(ValueError, match="valid actions: replace, extrapolate"):
+        DecodingRule(action="mix")
+    with pytest.raises(ValueError, match="gamma"):
+        DecodingRule(action="replace", gamma=0.1)
+    with pytest.raises(ValueError, match="top_p"):
+        DecodingRule(top_p=0.0)
+
+
+# ----------------------------------------------------------------------------- sampling law
+
+
+@pytest.mark.parametrize(
+    "rule",
+    [
+        DecodingRule("delta_logp", -0.3, temperature=1.0, top_p=0.7),
+        DecodingRule("delta_logp", -0.5, "extrapolate", gamma=0.5, temperature=0.8, top_p=0.95),
+        DecodingRule("delta_logp", 0.2, "extrapolate", gamma=0.3, propose_from="rl", top_p=1.0),
+        DecodingRule("random", 0.35, "extrapolate", gamma=1.0, temperature=1.3, top_p=0.9),
+    ],
+    ids=["replace", "extrapolate", "table1-rl-proposal", "random"],
+)
+def test_two_stage_sampler_follows_its_law(rule):
+    out = draw_many(LB, LR, rule)
+    lb, lr = np.log(np_softmax(LB)), np.log(np_softmax(LR))
+    if rule.criterion == "delta_logp":
+        g = ((lr - lb) < rule.threshold).astype(float)
+    else:
+        g = np.full(len(LB), rule.threshold)
+    assert 0 < (g > 0).sum() < len(g) or rule.criterion == "random"  # the gate matters
+    law = law_two_stage(LB, LR, g, rule)
+    assert_matches_law(out.token, law)
+    # the fired flags agree with g on the proposed token, and the rate with Σ p_prop g
+    p_prop = np_nucleus(np_softmax((lb if rule.propose_from == "base" else lr) / rule.temperature), rule.top_p)
+    rate = (p_prop * g).sum()
+    assert abs(out.fired.double().mean().item() - rate) < 4 * math.sqrt(rate * (1 - rate) / len(out.fired)) + 1e-9
+
+
+def test_limits_none_is_proposal_all_is_q_and_gamma0_is_replace():
+    lb = torch.log_softmax(torch.tensor(LB), -1).expand(500, -1)
+    lr = torch.log_softmax(torch.tensor(LR), -1).expand(500, -1)
+    keys = rng.sequence_keys(3, torch.arange(500))
+    u = [rng.uniforms(keys, torch.zeros(500, dtype=torch.long), s) for s in range(3)]
+    proposal = sample_from_log_probs(torch.log(torch.tensor(np_nucleus(np_softmax(LB), 0.7))).expand(500, -1), u[0])
+    rl_draw = sample_from_log_probs(torch.log(torch.tensor(np_nucleus(np_softmax(LR), 0.7))).expand(500, -1), u[2])
+    none = two_stage_step(lb, lr, *u, DecodingRule("none", 0.0))
+    assert torch.equal(none.token, proposal) and not none.fired.any()
+    allx = two_stage_step(lb, lr, *u, DecodingRule("all", 0.0, "extrapolate", gamma=0.0))
+    assert torch.equal(allx.token, rl_draw) and allx.fired.all()
+    rep = two_stage_step(lb, lr, *u, DecodingRule("delta_logp", -0.2))
+    ext0 = two_stage_step(lb, lr, *u, DecodingRule("delta_logp", -0.2, "extrapolate", gamma=0.0))
+    assert torch.equal(rep.token, ext0.token) and torch.equal(rep.fired, ext0.fired)
+    assert 0 < rep.fired.sum() < 500
+
+
+# ----------------------------------------------------------------------------- official top-k approximation
+
+
+def test_base_top_k_view_matches_hand_computation():
+    lb = torch.log_softmax(torch.tensor([[3.0, 2.0, 1.0, 0.0, -1.0]], dtype=torch.float64), -1)
+    lr = torch.log_softmax(torch.tensor([[0.0, 2.5, 3.0, -2.0, 1.0]], dtype=torch.float64), -1)
+    view = base_top_k_view(lb, lr, 3)  # base top-3: ids 0, 1, 2;  RL top-3: ids 2, 1, 4
+    assert view.ids.tolist() == [[0, 1, 2]]
+    b = lb[0, :3].numpy()
+    np.testing.assert_allclose(view.logp_base[0].numpy(), b - np.log(np.exp(b).sum()))
+    rl_min = float(lr[0, 4])  # RL's smallest returned log-prob; token 0 is missing from RL's top-3
+    r = np.array([rl_min, float(lr[0, 1]), float(lr[0, 2])])
+    np.testing.assert_allclose(view.logp_rl[0].numpy(), r - np.log(np.exp(r).sum()))
+    rule = DecodingRule("delta_logp", 0.0, base_top_k_approximation=3, top_p=1.0)
+    u = torch.tensor([0.5], dtype=torch.float64)
+    # proposal 0 is missing from RL's top-3: Δ = min returned RL log-prob − log π_B(0)
+    out = gate_and_resample(lb, lr, torch.tensor([0]), u, torch.tensor([0.99], dtype=torch.float64), rule)
+    assert out.score.item() == pytest.approx(rl_min - float(lb[0, 0]))
+    assert out.fired.item() and out.token.item() == 2  # resampled from the top-3 view: last CDF bin is id 2
+
+
+def test_top_k_approximation_with_full_support_equals_exact():
+    """With k = V nothing is missing or renormalised: same gate, same proposals, same law."""
+    lb, lr = _probs(4, n=2000, v=8)
+    keys = rng.sequence_keys(0, torch.arange(2000))
+    u = [rng.uniforms(keys, torch.zeros(2000, dtype=torch.long), s) for s in range(3)]
+    for crit, tau in [("avg_kl", 0.4), ("delta_logp", -0.3), ("entropy_rl", 1.2)]:
+        exact = two_stage_step(lb, lr, *u, DecodingRule(crit, tau, "extrapolate", gamma=0.2, top_p=0.8))
+        approx = two_stage_step(lb, lr, *u, DecodingRule(crit, tau, "extrapolate", gamma=0.2, top_p=0.8,
+                                                          base_top_k_approximation=8))
+        assert torch.equal(exact.fired, approx.fired), crit
+        torch.testing.assert_close(exact.score, approx.score, rtol=1e-9, atol=1e-12)
+        assert torch.equal(exact.token[~exact.fired], approx.token[~approx.fired])
+        assert 0 < exact.fired.sum() < 2000
+    rule = DecodingRule("delta_logp", -0.3, "extrapolate", gamma=0.5, top_p=0.8, base_top_k_approximation=len(LB))
+    lb_, lr_ = np.log(np_softmax(LB)), np.log(np_softmax(LR))
+    assert_matches_law(draw_many(LB, LR, rule).token, law_two_stage(LB, LR, ((lr_ - lb_) < -0.3).astype(float), rule))

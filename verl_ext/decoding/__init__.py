@@ -1,0 +1,15 @@
+"""Two-model decoding: selective token replacement (paper Alg. 1) and selective extrapolation (Eq. 7).
+
+- `criteria`: the gate criteria f(ŷ) (entropy, KL, Δlog p, random, none, all).
+- `sampler`: the two-stage sampler (propose, gate, resample) as pure tensor functions.
+- `rng`: per-sequence counter-based random streams (batch-independent draws).
+- `engine`: `TwoModelDecoder`, continuous batching with one KV cache per model and exact
+  speculative rounds (`draft_len > 1`).
+- `sweep`: the hydra entry point of the criterion × threshold sweeps.
+"""
+
+from verl_ext.decoding.criteria import CRITERIA, get_criterion
+from verl_ext.decoding.engine import DecodeResult, Request, TwoModelDecoder, replace_ratio
+from verl_ext.decoding.sampler import DecodingRule
+
+__all__ = ["CRITERIA", "DecodeResult", "DecodingRule", "Request", "TwoModelDecoder", "get_criterion", "replace_ratio"]

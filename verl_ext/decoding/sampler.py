@@ -1,0 +1,219 @@
+"""The two-stage sampler of selective replacement / extrapolation, as pure tensor functions.
+
+One decoding step, for N positions at once (paper Alg. 1 and Eq. 7):
+
+1. propose   ŷ ~ p_prop = nucleus_top_p( softmax(log π_prop / T) ),  π_prop = π_B (Alg. 1) or
+             π_RL (the paper's Table 1 variant);
+2. gate      g(ŷ) = f(ŷ) ∈ {0, 1}  (a criterion of `criteria.py`);
+3. resample  where g fires, y ~ q = nucleus_top_p( softmax(log q₀ / T) ) with
+             q₀ = π_RL ("replace") or q₀ = π_Extra ("extrapolate"), Eq. 7:
+             log π_Extra = (1+γ) log π_RL − γ log π_B − log Z;
+             else y = ŷ.
+
+So the emitted token has the law  p(y) = p_prop(y)·(1 − g(y)) + [Σ_y' p_prop(y') g(y')]·q(y).
+
+Criteria and Eq. 7 use the models' own distributions (temperature 1, full vocabulary: exact);
+temperature and top-p shape only the distributions tokens are drawn from. Draws use inverse-CDF
+sampling with uniforms from `rng.py`, so a token is a deterministic function of the logits and
+its (sequence, position, stream) key.
+
+`base_top_k_approximation = k > 0` reproduces the official code's approximation instead: the
+criteria, Δlog p and the resampling distribution live on the base model's top-k tokens
+(renormalised); a token missing from the RL model's top-k gets the RL model's smallest returned
+log-prob; the nucleus top-p is applied to the resampling distribution on that support.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from verl_ext.decoding.criteria import GateInputs, criterion_score, gate, get_criterion
+from verl_ext.distributions import extrapolated_log_softmax, log_softmax, top_p_log_softmax
+
+ACTIONS = ("replace", "extrapolate")
+PROPOSERS = ("base", "rl")
+
+
+@dataclass(frozen=True)
+class DecodingRule:
+    """Everything that decides one token given the two models' logits.
+
+    criterion / threshold: the gate f and τ (see `criteria.py`).
+    action: "replace" (q₀ = π_RL) or "extrapolate" (q₀ = π_Extra with strength `gamma`).
+    propose_from: "base" (Alg. 1) or "rl" (Table 1: ŷ ~ π_RL, then gate and extrapolate).
+    temperature, top_p: applied to the proposal and to the resampling distribution.
+    base_top_k_approximation: 0 = exact (default); k > 0 = the official code's top-k approximation.
+    """
+
+    criterion: str = "delta_logp"
+    threshold: float = -0.3
+    action: str = "replace"
+    gamma: float = 0.0
+    propose_from: str = "base"
+    temperature: float = 1.0
+    top_p: float = 0.7
+    base_top_k_approximation: int = 0
+
+    def __post_init__(self):
+        get_criterion(self.criterion)  # raises with the list of valid names
+        if self.action not in ACTIONS:
+            raise ValueError(f"unknown action {self.action!r}; valid actions: {', '.join(ACTIONS)}")
+        if self.propose_from not in PROPOSERS:
+            raise ValueError(f"unknown propose_from {self.propose_from!r}; valid: {', '.join(PROPOSERS)}")
+        if self.action == "replace" and self.gamma != 0:
+            raise ValueError("gamma is the extrapolation strength: use action='extrapolate' with gamma != 0")
+        if self.temperature <= 0:
+            raise ValueError(f"temperature must be > 0, got {self.temperature}")
+        if not 0.0 < self.top_p <= 1.0:
+            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
+        if self.base_top_k_approximation < 0:
+            raise ValueError("base_top_k_approximation must be 0 (exact) or a positive k")
+
+    @property
+    def resample_gamma(self) -> float:
+        return self.gamma if self.action == "extrapolate" else 0.0
+
+
+# ----------------------------------------------------------------------------- draws
+
+
+def sampling_log_probs(logp: torch.Tensor, temperature: float, top_p: float) -> torch.Tensor:
+    """log nucleus_top_p(softmax(log π / T)): the distribution a token is actually drawn from."""
+    return top_p_log_softmax(log_softmax(logp, temperature), top_p)
+
+
+def sample_from_log_probs(logp: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+    """Inverse CDF: the first v with F(v) = Σ_{w≤v} π(w) > u·F(V−1); never a zero-mass token.
+
+    logp `[..., V]`, u `[...]` in [0, 1); returns int64 `[...]`. Sums run in float64.
+    """
+    p = logp.to(torch.float64).exp()
+    cdf = torch.cumsum(p, dim=-1)
+    target = (u.to(torch.float64) * cdf[..., -1]).unsqueeze(-1)
+    idx = torch.searchsorted(cdf.contiguous(), target.contiguous(), right=True).squeeze(-1)
+    last_positive = p.shape[-1] - 1 - torch.argmax(torch.flip(p > 0, dims=[-1]).to(torch.uint8), dim=-1)
+    return torch.minimum(idx, last_positive)
+
+
+def propose(logp_proposer: torch.Tensor, u: torch.Tensor, rule: DecodingRule) -> torch.Tensor:
+    """ŷ ~ nucleus_top_p(softmax(log π_prop / T)), `[N]`."""
+    return sample_from_log_probs(sampling_log_probs(logp_proposer, rule.temperature, rule.top_p), u)
+
+
+# ----------------------------------------------------------------------------- gate views
+
+
+def token_delta_logp(logp_base: torch.Tensor, logp_rl: torch.Tensor, token: torch.Tensor) -> torch.Tensor:
+    """Eq. 1: Δlog p(ŷ) = log π_RL(ŷ) − log π_B(ŷ), `[N]`."""
+    t = token.unsqueeze(-1)
+    return (logp_rl.gather(-1, t) - logp_base.gather(-1, t)).squeeze(-1)
+
+
+@dataclass(frozen=True)
+class TopKView:
+    """The official approximation's view of one step: everything on the base model's top-k ids."""
+
+    ids: torch.Tensor  # [N, k] the base model's k most probable token ids
+    logp_base: torch.Tensor  # [N, k] log π_B on ids, renormalised
+    logp_rl: torch.Tensor  # [N, k] log π_RL on ids (missing → RL's min top-k log-prob), renormalised
+    rl_returned_min: torch.Tensor  # [N] the RL model's smallest top-k log-prob
+    rl_top_ids: torch.Tensor  # [N, k] the RL model's own top-k ids
+
+
+def base_top_k_view(logp_base: torch.Tensor, logp_rl: torch.Tensor, k: int) -> TopKView:
+    """Top-k log-probs as the official code receives them, filled and renormalised on the base top-k.
+
+    log π̃_B(v) = log π_B(v) − log Σ_{w∈K_B} π_B(w);  log π̃_RL(v) ∝ log π_RL(v) if v ∈ K_RL else
+    min_{w∈K_RL} log π_RL(w), renormalised over K_B.
+    """
+    k = min(k, logp_base.shape[-1])
+    base_vals, ids = torch.topk(logp_base, k, dim=-1)
+    rl_vals, rl_ids = torch.topk(logp_rl, k, dim=-1)
+    rl_min = rl_vals[..., -1]
+    present = (ids.unsqueeze(-1) == rl_ids.unsqueeze(-2)).any(-1)
+    rl_on_ids = torch.where(present, logp_rl.gather(-1, ids), rl_min.unsqueeze(-1))
+    return TopKView(
+        ids=ids,
+        logp_base=torch.log_softmax(base_vals, dim=-1),
+        logp_rl=torch.log_softmax(rl_on_ids, dim=-1),
+        rl_returned_min=rl_min,
+        rl_top_ids=rl_ids,
+    )
+
+
+def top_k_token_delta_logp(view: TopKView, logp_base: torch.Tensor, logp_rl: torch.Tensor, token: torch.Tensor):
+    """Δlog p(ŷ) with returned log-probs: log π_RL(ŷ) if ŷ ∈ K_RL else min_{K_RL} log π_RL, minus log π_B(ŷ)."""
+    t = token.unsqueeze(-1)
+    in_rl = (view.rl_top_ids == t).any(-1)
+    rl = torch.where(in_rl, logp_rl.gather(-1, t).squeeze(-1), view.rl_returned_min)
+    return rl - logp_base.gather(-1, t).squeeze(-1)
+
+
+# ----------------------------------------------------------------------------- gate + resample
+
+
+@dataclass(frozen=True)
+class StepOutcome:
+    token: torch.Tensor  # [N] int64 emitted token y
+    fired: torch.Tensor  # [N] bool g(ŷ)
+    score: torch.Tensor  # [N] criterion score s (NaN for none/all)
+
+
+def evaluate_gate(
+    logp_base: torch.Tensor, logp_rl: torch.Tensor, proposal: torch.Tensor, u_gate: torch.Tensor, rule: DecodingRule
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Step 2: (s, g) = (criterion score, fired) at N positions; logp_* full-vocabulary log π (T = 1)."""
+    if rule.base_top_k_approximation:
+        view = base_top_k_view(logp_base, logp_rl, rule.base_top_k_approximation)
+        delta = top_k_token_delta_logp(view, logp_base, logp_rl, proposal)
+        inputs = GateInputs(view.logp_base, view.logp_rl, delta, u_gate)
+    else:
+        inputs = GateInputs(logp_base, logp_rl, token_delta_logp(logp_base, logp_rl, proposal), u_gate)
+    score = criterion_score(rule.criterion, inputs)
+    return score, gate(rule.criterion, score, rule.threshold)
+
+
+def resample(logp_base: torch.Tensor, logp_rl: torch.Tensor, u_resample: torch.Tensor, rule: DecodingRule):
+    """Step 3: y ~ q = nucleus_top_p(softmax(log q₀ / T)), q₀ = π_RL or π_Extra(γ) (Eq. 7), `[N]`."""
+    k = rule.base_top_k_approximation
+    if k:
+        view = base_top_k_view(logp_base, logp_rl, k)
+        q0 = extrapolated_log_softmax(view.logp_rl, view.logp_base, rule.resample_gamma)
+        pick = sample_from_log_probs(sampling_log_probs(q0, rule.temperature, rule.top_p), u_resample)
+        return view.ids.gather(-1, pick.unsqueeze(-1)).squeeze(-1)
+    q0 = extrapolated_log_softmax(logp_rl, logp_base, rule.resample_gamma)
+    return sample_from_log_probs(sampling_log_probs(q0, rule.temperature, rule.top_p), u_resample)
+
+
+def gate_and_resample(
+    logp_base: torch.Tensor,
+    logp_rl: torch.Tensor,
+    proposal: torch.Tensor,
+    u_gate: torch.Tensor,
+    u_resample: torch.Tensor,
+    rule: DecodingRule,
+) -> StepOutcome:
+    """Steps 2 and 3: y = ŷ where g(ŷ) = 0, else y ~ q. Positions are independent (logp_* `[N, V]`,
+    proposal/u_* `[N]`); q is only evaluated where the gate fired."""
+    score, fired = evaluate_gate(logp_base, logp_rl, proposal, u_gate, rule)
+    token = proposal.clone()
+    rows = fired.nonzero(as_tuple=True)[0]
+    if rows.numel():
+        token[rows] = resample(logp_base[rows], logp_rl[rows], u_resample[rows], rule)
+    return StepOutcome(token=token, fired=fired, score=score)
+
+
+def two_stage_step(
+    logp_base: torch.Tensor,
+    logp_rl: torch.Tensor,
+    u_proposal: torch.Tensor,
+    u_gate: torch.Tensor,
+    u_resample: torch.Tensor,
+    rule: DecodingRule,
+) -> StepOutcome:
+    """One full step (propose, gate, resample) for N independent positions."""
+    proposer = logp_base if rule.propose_from == "base" else logp_rl
+    proposal = propose(proposer, u_proposal, rule)
+    return gate_and_resample(logp_base, logp_rl, proposal, u_gate, u_resample, rule)

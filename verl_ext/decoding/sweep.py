@@ -1,0 +1,478 @@
+"""Criterion × threshold sweeps of selective replacement / extrapolation (paper Fig. 2, Table 1).
+
+    python -m verl_ext.decoding.sweep --config-path "$REPO/configs" --config-name token_replacement [overrides]
+    bash scripts/run_token_replacement.sh                     # tiny CPU models, in-process
+    bash scripts/run_extrapolation.sh models.base=/m/Qwen2.5-32B models.rl=/m/DAPO-Qwen-32B
+
+A *run* is one (criterion, τ, γ, seed); it samples `n_samples` responses per problem, split into
+shards of `shard_problems` problems. A shard is generated, graded (`verl_ext.reward`) and written
+atomically to `<output_dir>/runs/<run>/shard-XXXXX.parquet`; shards already on disk are skipped,
+so a killed sweep resumes where it stopped. Then every run is aggregated (Avg@n and unbiased
+Pass@k from `verl_ext.evaluation`, replace ratio = per-response fraction of fired steps averaged
+over responses) into results.parquet / results.json and the accuracy-vs-replace-ratio plot
+(one line per criterion; π_B and π_RL as reference lines).
+
+Thresholds are given per criterion, or calibrated to target replace ratios
+(`sweep.target_ratios`): τ starts at the score quantile observed under base sampling and is
+refined by a few fixed-point rounds on pilot runs (`calibration.json`, also resumable).
+
+Shards run in-process (CPU, or one GPU) or on a Ray actor pool with one actor per GPU
+(`ray.enabled=auto`: Ray when more than one GPU is visible or `ray.address` is set). Random
+streams are keyed by (seed, problem·n + sample), so every criterion sees the same base draws
+(common random numbers) and results do not depend on sharding or batching.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import math
+import os
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import hydra
+from omegaconf import DictConfig, OmegaConf
+
+from verl_ext.decoding.criteria import ABOVE, BELOW, get_criterion
+
+BASELINES = (("none", 0.0), ("all", 0.0))  # π_B alone (ratio 0) and π_RL / π_Extra alone (ratio 1)
+
+
+class SweepError(ValueError):
+    pass
+
+
+# ----------------------------------------------------------------------------- runs
+
+
+@dataclass(frozen=True)
+class RunSpec:
+    criterion: str
+    threshold: float
+    gamma: float
+    seed: int
+
+    @property
+    def name(self) -> str:
+        return f"{self.criterion}_tau{self.threshold:+.4g}_gamma{self.gamma:.4g}_seed{self.seed}"
+
+
+def threshold_table(cfg: DictConfig) -> dict[str, list[float]]:
+    """criterion -> τ values: `sweep.thresholds` when set (it replaces the defaults as a whole), else
+    `sweep.default_thresholds`. (A Hydra dict override merges into a non-null dict, so the table a user
+    gives on the command line goes into the null `thresholds` and the defaults live apart.)"""
+    table = cfg.sweep.get("thresholds")
+    if table is None:
+        table = cfg.sweep.get("default_thresholds")
+    out = {}
+    for name, taus in (table or {}).items():
+        taus = OmegaConf.to_object(taus) if OmegaConf.is_config(taus) else taus
+        out[str(name)] = [float(t) for t in (taus if isinstance(taus, (list, tuple)) else [taus])]
+    return out
+
+
+def plan_runs(cfg: DictConfig, calibrated: dict[str, list[float]] | None = None) -> list[RunSpec]:
+    """Every (criterion, τ) × γ × seed, plus the `none`/`all` baselines per γ and seed."""
+    thresholds = calibrated if calibrated is not None else threshold_table(cfg)
+    if cfg.sweep.criteria:
+        thresholds = {k: v for k, v in thresholds.items() if k in cfg.sweep.criteria}
+    for name in thresholds:
+        get_criterion(name)  # unknown names raise with the valid list
+    gammas = list(cfg.sweep.gammas) if cfg.decoding.action == "extrapolate" else [0.0]
+    runs = []
+    for seed in cfg.seeds:
+        for gamma in gammas:
+            if cfg.sweep.baselines:
+                runs += [RunSpec(c, t, gamma, seed) for c, t in BASELINES]
+            for name, taus in thresholds.items():
+                runs += [RunSpec(name, float(t), gamma, seed) for t in taus]
+    return list(dict.fromkeys(runs))
+
+
+def rule_for(cfg: DictConfig, spec: RunSpec):
+    from verl_ext.decoding.sampler import DecodingRule
+
+    d = cfg.decoding
+    return DecodingRule(
+        criterion=spec.criterion, threshold=spec.threshold, action=d.action, gamma=spec.gamma,
+        propose_from=d.propose_from, temperature=d.temperature, top_p=d.top_p,
+        base_top_k_approximation=d.base_top_k_approximation,
+    )
+
+
+def shard_ranges(num_problems: int, shard_problems: int) -> list[tuple[int, int]]:
+    return [(s, min(s + shard_problems, num_problems)) for s in range(0, num_problems, shard_problems)]
+
+
+# ----------------------------------------------------------------------------- atomic files
+
+
+def atomic_write(path: Path, data: bytes) -> None:
+    """Write to a temporary file in the same folder, then rename over `path`."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def write_parquet(path: Path, rows: list[dict]) -> None:
+    import pandas as pd
+
+    buf = io.BytesIO()
+    pd.DataFrame(rows).to_parquet(buf, index=False)
+    atomic_write(path, buf.getvalue())
+
+
+# ----------------------------------------------------------------------------- the worker
+
+
+class ShardWorker:
+    """Holds both models and the problems; generates and grades shards (in-process or as a Ray actor)."""
+
+    def __init__(self, cfg_container: dict):
+        self.cfg = OmegaConf.create(cfg_container)
+        self._loaded = None
+
+    def _load(self):
+        if self._loaded is None:
+            self._loaded = load_models_and_problems(self.cfg)
+        return self._loaded
+
+    def decoder(self, spec: RunSpec, max_new_tokens: int | None = None):
+        from verl_ext.decoding.engine import TwoModelDecoder
+
+        base, rl, tok, _problems, eos = self._load()
+        d = self.cfg.decoding
+        return TwoModelDecoder(
+            base, rl, rule_for(self.cfg, spec), eos_token_ids=eos,
+            pad_token_id=tok.pad_token_id if tok.pad_token_id is not None else eos[0],
+            max_new_tokens=max_new_tokens or d.max_new_tokens, seed=spec.seed,
+            draft_len=d.draft_len if d.speculative else 1, max_batch_size=d.max_batch_size,
+        )
+
+    def generate(self, spec: RunSpec, start: int, stop: int, n: int, max_new_tokens: int | None = None):
+        """[(problem index, sample index, DecodeResult)] for problems[start:stop] × n samples."""
+        from verl_ext.decoding.engine import Request
+
+        _, _, _, problems, _ = self._load()
+        reqs, keys = [], []
+        for p in range(start, stop):
+            for s in range(n):
+                reqs.append(Request(problems[p]["prompt_ids"], stream_id=p * n + s))
+                keys.append((p, s))
+        results = self.decoder(spec, max_new_tokens).generate(reqs)
+        return [(p, s, r) for (p, s), r in zip(keys, results)]
+
+    def run_shard(self, spec: RunSpec, start: int, stop: int, path: str) -> str:
+        """Generate, grade and atomically write one shard; returns its path."""
+        from verl_ext.evaluation.report import grade_records
+
+        _, _, tok, problems, _ = self._load()
+        n = self.cfg.n_samples
+        rows = []
+        for p, s, r in self.generate(spec, start, stop, n):
+            prob = problems[p]
+            rows.append({
+                "run": spec.name, "criterion": spec.criterion, "threshold": spec.threshold, "gamma": spec.gamma,
+                "seed": spec.seed, "problem_index": p, "data_source": prob["data_source"],
+                "prompt_id": prob["prompt_id"], "sample_index": s, "ground_truth": prob["ground_truth"],
+                "accepted_answers": prob["accepted_answers"],
+                "response": tok.decode(r.tokens, skip_special_tokens=True), "response_length": len(r.tokens),
+                "n_replaced": int(sum(r.replaced)), "replace_ratio": r.replace_ratio, "finish_reason": r.finish_reason,
+            })
+        graded = grade_records(rows, timeout_s=self.cfg.grading.timeout_s, show_progress=False)
+        for row, (ok, pred) in zip(rows, graded):
+            row["correct"], row["pred"] = bool(ok), pred
+        write_parquet(Path(path), rows)
+        return path
+
+    def pilot(self, spec: RunSpec) -> dict:
+        """Scores and realised replace ratio of `spec` on the calibration problems."""
+        c = self.cfg.sweep.calibration
+        _, _, _, problems, _ = self._load()
+        out = self.generate(spec, 0, min(c.problems, len(problems)), c.samples, c.max_new_tokens)
+        scores = [x for _, _, r in out for x in r.scores if not math.isnan(x)]
+        ratio = sum(r.replace_ratio for _, _, r in out) / len(out)
+        return {"scores": scores, "ratio": ratio}
+
+
+def perturbed_copy(model, noise: float, seed: int):
+    """θ_RL = θ_B + noise·std(θ)·ε, ε ~ N(0, I) from `seed`: a deterministic stand-in "RL" model."""
+    import copy
+
+    import torch
+
+    rl = copy.deepcopy(model)
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in rl.parameters():
+            p.add_(noise * p.float().std().to(p.dtype) * torch.randn(p.shape, generator=g).to(p.dtype))
+    return rl
+
+
+def load_models_and_problems(cfg: DictConfig):
+    """(base, rl, tokenizer, problems with prompt_ids, eos ids); tiny CPU assets when models.base is null."""
+    from transformers import AutoTokenizer
+
+    from verl_ext.evaluation.command import load_problems
+    from verl_ext.generation import encode_messages, eos_token_ids, load_hf_model
+
+    m = cfg.models
+    files = list(cfg.data.files or [])
+    if m.base is None:
+        from verl_ext.tiny_assets import ensure_tiny_assets
+
+        assets = ensure_tiny_assets()
+        base = load_hf_model(str(assets.model_dir), m.device, m.dtype)
+        rl = perturbed_copy(base, m.tiny_rl_noise, seed=1) if m.rl is None else load_hf_model(m.rl, m.device, m.dtype)
+        tok_path = m.tokenizer or str(assets.tokenizer_dir)
+        files = files or [str(assets.val_parquet)]
+    else:
+        if m.rl is None:
+            raise SweepError("models.rl is not set: give the RLVR model's path (models.base is the base model)")
+        base, rl = load_hf_model(m.base, m.device, m.dtype), load_hf_model(m.rl, m.device, m.dtype)
+        tok_path = m.tokenizer or m.rl
+    tok = AutoTokenizer.from_pretrained(tok_path)
+    if base.config.vocab_size != rl.config.vocab_size:
+        raise SweepError(f"vocabularies differ: base {base.config.vocab_size}, rl {rl.config.vocab_size} tokens")
+    problems = load_problems(files, cfg.data.max_problems)
+    for p in problems:
+        p["prompt_ids"] = encode_messages(tok, p["messages"], cfg.data.use_chat_template)
+    return base, rl, tok, problems, eos_token_ids(rl, tok)
+
+
+# ----------------------------------------------------------------------------- execution
+
+
+class InProcess:
+    def __init__(self, cfg: DictConfig):
+        self.worker = ShardWorker(OmegaConf.to_container(cfg, resolve=True))
+
+    def map(self, method: str, args: list[tuple]):
+        for a in args:
+            yield getattr(self.worker, method)(*a)
+
+
+class RayPool:
+    """One actor per GPU (or `ray.num_workers`), each holding both models."""
+
+    def __init__(self, cfg: DictConfig):
+        import ray
+        from ray.util import ActorPool
+
+        ray.init(address=cfg.ray.address, ignore_reinit_error=True)
+        gpus = int(ray.cluster_resources().get("GPU", 0))
+        n = cfg.ray.num_workers or max(gpus, 1)
+        actor = ray.remote(num_gpus=1 if gpus else 0)(ShardWorker)
+        container = OmegaConf.to_container(cfg, resolve=True)
+        self.pool = ActorPool([actor.remote(container) for _ in range(n)])
+
+    def map(self, method: str, args: list[tuple]):
+        return self.pool.map_unordered(lambda a, v: getattr(a, method).remote(*v), args)
+
+
+def use_ray(cfg: DictConfig) -> bool:
+    if cfg.ray.enabled == "auto":
+        import torch
+
+        return cfg.ray.address is not None or torch.cuda.device_count() > 1
+    return bool(cfg.ray.enabled)
+
+
+# ----------------------------------------------------------------------------- calibration
+
+
+def quantile_threshold(scores: list[float], criterion: str, target: float) -> float:
+    """τ such that a fraction `target` of the scores fire: the (1−r)-quantile (above) or r-quantile (below)."""
+    import numpy as np
+
+    if not scores:
+        raise SweepError(f"calibration of {criterion}: no scores recorded")
+    q = 1.0 - target if get_criterion(criterion).fires_when == ABOVE else target
+    return float(np.quantile(np.asarray(scores), q))
+
+
+def calibrate(cfg: DictConfig, executor, out_dir: Path) -> dict[str, list[float]]:
+    """τ per criterion and target ratio, resumable from calibration.json."""
+    path = out_dir / "calibration.json"
+    done = json.loads(path.read_text()) if path.exists() else {}
+    targets = [float(r) for r in cfg.sweep.target_ratios]
+    seed = int(cfg.seeds[0])
+    gamma = float(cfg.sweep.gammas[0]) if cfg.decoding.action == "extrapolate" else 0.0
+    for name in cfg.sweep.calibrate_criteria:
+        crit = get_criterion(name)
+        if crit.fires_when not in (ABOVE, BELOW):
+            raise SweepError(f"criterion {name!r} has no threshold to calibrate")
+        for target in targets:
+            key = f"{name}@{target:g}"
+            if key in done:
+                continue
+            if name == "random":  # P(u < τ) = τ exactly
+                done[key] = {"threshold": target, "ratio": None}
+                continue
+            never = math.inf if crit.fires_when == ABOVE else -math.inf
+            pilot = next(iter(executor.map("pilot", [(RunSpec(name, never, gamma, seed),)])))
+            tau, best = quantile_threshold(pilot["scores"], name, target), None
+            for _ in range(cfg.sweep.calibration.rounds):
+                pilot = next(iter(executor.map("pilot", [(RunSpec(name, tau, gamma, seed),)])))
+                if best is None or abs(pilot["ratio"] - target) < abs(best[1] - target):
+                    best = (tau, pilot["ratio"])
+                tau = quantile_threshold(pilot["scores"], name, target)
+            done[key] = {"threshold": best[0], "ratio": best[1]}
+            atomic_write(path, json.dumps(done, indent=1).encode())
+            print(f"[calibrate] {key}: tau={best[0]:.4g} (pilot replace ratio {best[1]:.3f})", flush=True)
+    atomic_write(path, json.dumps(done, indent=1).encode())
+    out: dict[str, list[float]] = {}
+    for key, v in done.items():
+        name, _ = key.split("@")
+        if name in cfg.sweep.calibrate_criteria:
+            out.setdefault(name, []).append(v["threshold"])
+    return out
+
+
+# ----------------------------------------------------------------------------- aggregation + plot
+
+
+def summarize(rows, pass_ks: list[int]) -> list[dict]:
+    """One row per run: Avg@n, Pass@k, replace ratio (mean of per-response ratios), length."""
+    import pandas as pd
+
+    from verl_ext.evaluation.metrics import mean_avg_at_k, mean_pass_at_k
+
+    df = pd.DataFrame(rows)
+    out = []
+    for run, g in df.groupby("run", sort=False):
+        counts = [(len(x), int(x["correct"].sum())) for _, x in g.groupby(["data_source", "prompt_id"])]
+        n = min(c[0] for c in counts)
+        first = g.iloc[0]
+        row = {
+            "run": run, "criterion": first["criterion"], "threshold": float(first["threshold"]),
+            "gamma": float(first["gamma"]), "seed": int(first["seed"]), "num_problems": len(counts),
+            "samples_per_problem": n, "accuracy": mean_avg_at_k(counts, n),
+            "replace_ratio": float(g["replace_ratio"].mean()), "mean_response_length": float(g["response_length"].mean()),
+        }
+        for k in pass_ks:
+            if k <= n:
+                row[f"pass@{k}"] = mean_pass_at_k(counts, k)
+        out.append(row)
+    return out
+
+
+def plot_curves(summary: list[dict], path: Path, title: str) -> None:
+    """Accuracy vs replace ratio, one line per criterion (× γ), seeds averaged; π_B / π_RL dashed."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import pandas as pd
+
+    df = pd.DataFrame(summary)
+    df = df.groupby(["criterion", "threshold", "gamma"], as_index=False)[["accuracy", "replace_ratio"]].mean()
+    several_gammas = df["gamma"].nunique() > 1
+    fig, ax = plt.subplots(figsize=(6, 4.2))
+    for (name, gamma), g in df[~df["criterion"].isin(["none", "all"])].groupby(["criterion", "gamma"]):
+        g = g.sort_values("replace_ratio")
+        label = f"{name} (γ={gamma:g})" if several_gammas else name
+        ax.plot(g["replace_ratio"], 100 * g["accuracy"], marker="o", label=label)
+    refs = {"none": ("π_B (base)", "gray"), "all": ("π_RL" if not several_gammas else "π_Extra", "black")}
+    for name, (label, color) in refs.items():
+        for gamma, g in df[df["criterion"] == name].groupby("gamma"):
+            lab = f"{label} (γ={gamma:g})" if several_gammas and name == "all" else label
+            ax.axhline(100 * g["accuracy"].mean(), ls="--", color=color, lw=1, label=lab)
+    ax.set_xlabel("replace ratio")
+    ax.set_ylabel("accuracy (Avg@n, %)")
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=130)
+    plt.close(fig)
+    atomic_write(path, buf.getvalue())
+
+
+# ----------------------------------------------------------------------------- entry point
+
+
+def validate(cfg: DictConfig) -> None:
+    d = cfg.decoding
+    if d.action not in ("replace", "extrapolate"):
+        raise SweepError(f"decoding.action={d.action!r}; valid: replace, extrapolate")
+    if cfg.n_samples < 1:
+        raise SweepError("n_samples must be >= 1")
+    thresholds = threshold_table(cfg)
+    if not thresholds and not cfg.sweep.target_ratios:
+        raise SweepError("nothing to sweep: set sweep.thresholds or sweep.target_ratios")
+    for name in list(thresholds) + list(cfg.sweep.calibrate_criteria or []) + list(cfg.sweep.criteria or []):
+        get_criterion(name)
+    missing = [c for c in cfg.sweep.criteria or [] if c not in thresholds
+               and not (cfg.sweep.target_ratios and c in cfg.sweep.calibrate_criteria)]
+    if missing:
+        raise SweepError(f"sweep.criteria {missing} have no thresholds: add them to 'sweep.thresholds={{<name>:[...]}}' or calibrate them")
+
+
+def run(cfg: DictConfig) -> list[dict]:
+    from tqdm import tqdm
+
+    validate(cfg)
+    out_dir = Path(cfg.output_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    atomic_write(out_dir / "config.yaml", OmegaConf.to_yaml(cfg, resolve=True).encode())
+    executor = RayPool(cfg) if use_ray(cfg) else InProcess(cfg)
+    calibrated = calibrate(cfg, executor, out_dir) if cfg.sweep.target_ratios else None
+    if calibrated is not None:
+        for name, taus in threshold_table(cfg).items():
+            calibrated.setdefault(name, []).extend(taus)
+    runs = plan_runs(cfg, calibrated)
+    num_problems = count_problems(cfg)
+    shards = [
+        (spec, a, b, str(out_dir / "runs" / spec.name / f"shard-{a:05d}.parquet"))
+        for spec in runs
+        for a, b in shard_ranges(num_problems, cfg.shard_problems)
+    ]
+    todo = [s for s in shards if not Path(s[3]).exists()]
+    print(f"[sweep] {len(runs)} runs × {num_problems} problems × {cfg.n_samples} samples: "
+          f"{len(shards)} shards, {len(shards) - len(todo)} already done", flush=True)
+    for _ in tqdm(executor.map("run_shard", todo), total=len(todo), desc="shards", disable=not cfg.show_progress):
+        pass
+    import pandas as pd
+
+    rows = pd.concat([pd.read_parquet(s[3]) for s in shards], ignore_index=True)
+    summary = summarize(rows, list(cfg.pass_ks))
+    write_parquet(out_dir / "results.parquet", summary)
+    atomic_write(out_dir / "results.json", json.dumps(summary, indent=1).encode())
+    plot_curves(summary, out_dir / "accuracy_vs_replace_ratio.png", cfg.plot_title)
+    for row in summary:
+        print(f"[sweep] {row['run']}: accuracy={row['accuracy']:.4f} replace_ratio={row['replace_ratio']:.4f}")
+    print(f"[sweep] wrote {out_dir}/results.parquet, results.json, accuracy_vs_replace_ratio.png", flush=True)
+    return summary
+
+
+def count_problems(cfg: DictConfig) -> int:
+    """Problems in the data files, without loading models."""
+    from verl_ext.evaluation.command import load_problems
+
+    files = list(cfg.data.files or [])
+    if not files:
+        if cfg.models.base is not None:
+            raise SweepError("data.files is empty: give verl RL parquet files (bash scripts/prepare_data.sh)")
+        from verl_ext.tiny_assets import ensure_tiny_assets
+
+        files = [str(ensure_tiny_assets().val_parquet)]
+    return len(load_problems(files, cfg.data.max_problems))
+
+
+@hydra.main(version_base=None, config_path=None, config_name=None)
+def main(cfg: DictConfig) -> None:
+    run(cfg)
+
+
+if __name__ == "__main__":
+    main()
