@@ -1,0 +1,263 @@
+"""The criterion × threshold sweep (`verl_ext.decoding.sweep`) end to end on the tiny CPU assets.
+
+One small in-process sweep (4 problems × 2 samples, 8 new tokens, `none`/`all` + 2 Δlog p
+thresholds, 2 shards per run) is shared by the tests; they check its table against the raw shard
+rows, its resuming, the shell script (which must reproduce the same table), the error on a bad
+criterion name, the Ray actor pool (same table again) and the `sweep.thresholds` override.
+Everything runs with one torch thread so that the three execution paths are bit-comparable.
+"""
+
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import torch
+from hydra import compose, initialize_config_dir
+
+from verl_ext.decoding import sweep
+
+REPO = Path(__file__).resolve().parents[1]
+CONFIGS = REPO / "configs"
+NUM_PROBLEMS, N_SAMPLES, SHARD_PROBLEMS = 4, 2, 2
+TAUS = (-0.1, -0.5)
+SIZES = [
+    f"n_samples={N_SAMPLES}", f"data.max_problems={NUM_PROBLEMS}", f"shard_problems={SHARD_PROBLEMS}",
+    "decoding.max_new_tokens=8", "pass_ks=[1,2]", "show_progress=false",
+]
+TINY = [*SIZES, f"sweep.thresholds={{delta_logp:[{','.join(map(str, TAUS))}]}}"]
+RUNS = {("none", 0.0), ("all", 0.0)} | {("delta_logp", t) for t in TAUS}
+SHARDS_PER_RUN = NUM_PROBLEMS // SHARD_PROBLEMS
+
+
+def make_cfg(output_dir, *overrides, config="token_replacement", sizes=TINY):
+    with initialize_config_dir(config_dir=str(CONFIGS), version_base=None):
+        return compose(config, overrides=[f"output_dir={output_dir}", *sizes, "ray.enabled=false", *overrides])
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def swept(tmp_path_factory, one_thread):
+    """(output dir, returned summary, seconds) of the reference in-process sweep."""
+    out = tmp_path_factory.mktemp("sweep")
+    t0 = time.perf_counter()
+    summary = sweep.run(make_cfg(out))
+    return out, summary, time.perf_counter() - t0
+
+
+def shard_files(out: Path) -> list[Path]:
+    return sorted((out / "runs").glob("*/shard-*.parquet"))
+
+
+def table(summary) -> pd.DataFrame:
+    return pd.DataFrame(summary).sort_values(["criterion", "threshold"]).reset_index(drop=True)
+
+
+def shard_frames(out: Path) -> dict[str, pd.DataFrame]:
+    return {str(p.relative_to(out)): pd.read_parquet(p) for p in shard_files(out)}
+
+
+def all_rows(out: Path) -> pd.DataFrame:
+    rows = pd.concat([pd.read_parquet(p) for p in shard_files(out)], ignore_index=True)
+    return rows.sort_values(["run", "problem_index", "sample_index"]).reset_index(drop=True)
+
+
+def assert_same_shards(a: Path, b: Path):
+    fa, fb = shard_frames(a), shard_frames(b)
+    assert sorted(fa) == sorted(fb)
+    for name in fa:
+        pd.testing.assert_frame_equal(fa[name], fb[name], obj=name)
+
+
+# ----------------------------------------------------------------------------- 1. in-process sweep
+
+
+def test_results_table(swept):
+    out, summary, seconds = swept
+    print(f"in-process sweep: {seconds:.1f}s")
+    df = table(summary)
+    assert sorted(zip(df["criterion"], df["threshold"])) == sorted(RUNS)  # one row per (criterion, τ)
+    assert (df["num_problems"] == NUM_PROBLEMS).all() and (df["samples_per_problem"] == N_SAMPLES).all()
+    assert df["accuracy"].between(0, 1).all() and df["replace_ratio"].between(0, 1).all()
+    by = df.set_index(["criterion", "threshold"])
+    assert by.loc[("none", 0.0), "replace_ratio"] == 0.0
+    assert by.loc[("all", 0.0), "replace_ratio"] == 1.0  # action=replace: `all` resamples every step
+    # Δlog p gating fires at some steps but not at all of them (else the run would be a baseline)
+    assert 0 < by.loc[("delta_logp", TAUS[0]), "replace_ratio"] < 1
+    pd.testing.assert_series_equal(df["pass@1"], df["accuracy"], check_names=False)  # unbiased Pass@1 = Avg@n
+    assert (df["pass@2"] >= df["accuracy"] - 1e-12).all()
+
+    # the table against the raw shard rows
+    shards = shard_files(out)
+    assert len(shards) == len(RUNS) * SHARDS_PER_RUN
+    rows = pd.concat([pd.read_parquet(p) for p in shards], ignore_index=True)
+    for (crit, tau), g in rows.groupby(["criterion", "threshold"]):
+        assert sorted(zip(g["problem_index"], g["sample_index"])) == [
+            (p, s) for p in range(NUM_PROBLEMS) for s in range(N_SAMPLES)]
+        assert by.loc[(crit, tau), "accuracy"] == pytest.approx(g["correct"].mean(), abs=1e-12)
+        assert by.loc[(crit, tau), "replace_ratio"] == pytest.approx(g["replace_ratio"].mean(), abs=1e-12)
+        ratio = g["n_replaced"] / g["response_length"].clip(lower=1)
+        assert (g["replace_ratio"] - ratio).abs().max() < 1e-12
+    assert (rows.loc[rows["criterion"] == "none", "n_replaced"] == 0).all()
+    every = rows[rows["criterion"] == "all"]
+    assert (every["n_replaced"] == every["response_length"]).all()
+    # grading: the tiny task's answers are integers, so a correct answer is the ground truth verbatim
+    assert (rows["correct"] == (rows["pred"].astype(str) == rows["ground_truth"].astype(str))).all()
+    assert rows["response_length"].between(1, 8).all()
+
+    # JSON and parquet hold the same table, the same as the one returned
+    from_json = pd.DataFrame(json.loads((out / "results.json").read_text()))
+    from_parquet = pd.read_parquet(out / "results.parquet")
+    pd.testing.assert_frame_equal(from_json, from_parquet, check_dtype=False)
+    pd.testing.assert_frame_equal(table(from_parquet.to_dict("records")), df, check_dtype=False)
+
+    png = (out / "accuracy_vs_replace_ratio.png").read_bytes()
+    assert png.startswith(b"\x89PNG\r\n\x1a\n") and len(png) > 5000
+
+
+# ----------------------------------------------------------------------------- 2. resuming
+
+
+def test_resume_recomputes_only_missing_shards(swept, tmp_path, monkeypatch, capsys):
+    src, summary, _ = swept
+    out = tmp_path / "copy"
+    shutil.copytree(src, out)  # copy2 keeps the mtimes
+    calls = []
+    original = sweep.ShardWorker.run_shard
+
+    def counting(self, spec, start, stop, path):
+        calls.append((spec.name, start, stop))
+        return original(self, spec, start, stop, path)
+
+    monkeypatch.setattr(sweep.ShardWorker, "run_shard", counting)
+    mtimes = {p: p.stat().st_mtime_ns for p in shard_files(out)}
+    n = len(mtimes)
+
+    again = sweep.run(make_cfg(out))
+    assert calls == []
+    assert {p: p.stat().st_mtime_ns for p in shard_files(out)} == mtimes
+    assert f"{n} shards, {n} already done" in capsys.readouterr().out
+    pd.testing.assert_frame_equal(table(again), table(summary))
+
+    victim = out / "runs" / f"delta_logp_tau{TAUS[0]:+.4g}_gamma0_seed0" / f"shard-{SHARD_PROBLEMS:05d}.parquet"
+    before = pd.read_parquet(victim)
+    victim.unlink()
+    again = sweep.run(make_cfg(out))
+    assert calls == [(victim.parent.name, SHARD_PROBLEMS, 2 * SHARD_PROBLEMS)]
+    assert f"{n} shards, {n - 1} already done" in capsys.readouterr().out
+    assert {p: p.stat().st_mtime_ns for p in shard_files(out) if p != victim} == {
+        p: t for p, t in mtimes.items() if p != victim}
+    pd.testing.assert_frame_equal(pd.read_parquet(victim), before)  # recomputed bit-identically
+    pd.testing.assert_frame_equal(table(again), table(summary))
+
+
+# ----------------------------------------------------------------------------- 3. the script
+
+
+def run_script(*args, script="run_token_replacement.sh"):
+    env = {**os.environ, "PYTHON": sys.executable, "OMP_NUM_THREADS": "1"}
+    t0 = time.perf_counter()
+    proc = subprocess.run(["bash", str(REPO / "scripts" / script), *args], check=False, cwd=REPO, env=env,
+                          capture_output=True, text=True, timeout=120)
+    print(f"{script}: {time.perf_counter() - t0:.1f}s")
+    return proc.returncode, proc.stdout, proc.stderr
+
+
+def test_script_reproduces_in_process_sweep(swept, tmp_path):
+    src, summary, _ = swept
+    out = tmp_path / "script"
+    rc, stdout, stderr = run_script(f"output_dir={out}", *TINY)
+    assert rc == 0, stdout[-3000:] + stderr[-3000:]
+    assert f"{len(RUNS) * SHARDS_PER_RUN} shards, 0 already done" in stdout
+    assert (out / "accuracy_vs_replace_ratio.png").stat().st_size > 0
+    pd.testing.assert_frame_equal(table(json.loads((out / "results.json").read_text())), table(summary))
+    assert_same_shards(out, src)
+
+
+def test_bad_criterion_lists_valid_ones(tmp_path):
+    from verl_ext.decoding.criteria import CRITERIA
+
+    valid = ", ".join(CRITERIA)
+    # in-process: refused before any model is loaded or anything is written
+    for bad in ("sweep.thresholds={delta_lgop:[-0.1]}", "sweep.criteria=[delta_lgop]"):
+        with pytest.raises(ValueError, match=re.escape(f"unknown criterion 'delta_lgop'; valid criteria: {valid}")):
+            sweep.run(make_cfg(tmp_path / "bad", bad, sizes=SIZES))
+    assert not (tmp_path / "bad").exists()
+    # through the script: a non-zero exit and the same message
+    out = tmp_path / "bad_script"
+    rc, stdout, stderr = run_script(f"output_dir={out}", *SIZES, "sweep.thresholds={delta_lgop:[-0.1]}")
+    assert rc != 0
+    assert f"unknown criterion 'delta_lgop'; valid criteria: {valid}" in stdout + stderr
+    assert not (out / "runs").exists() and not (out / "config.yaml").exists()
+
+
+# ----------------------------------------------------------------------------- 4. Ray
+
+
+def test_ray_pool_matches_in_process(swept, tmp_path, monkeypatch):
+    ray = pytest.importorskip("ray")
+    src, summary, _ = swept
+    out = tmp_path / "ray"
+    pools, init = [], sweep.RayPool.__init__
+
+    def keep(self, cfg):
+        init(self, cfg)
+        pools.append(self)
+
+    monkeypatch.setattr(sweep.RayPool, "__init__", keep)
+    t0 = time.perf_counter()
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    try:
+        # one problem per shard (the reference has two): results must not depend on the sharding either
+        cfg = make_cfg(out, "ray.enabled=true", "ray.num_workers=2", "shard_problems=1")
+        assert sweep.use_ray(cfg)
+        got = sweep.run(cfg)
+        actors = []
+        while pools[0].pool.has_free():
+            actors.append(pools[0].pool.pop_idle())
+        pids = set(ray.get([a.__ray_call__.remote(lambda self: os.getpid()) for a in actors]))
+    finally:
+        ray.shutdown()
+    print(f"ray sweep: {time.perf_counter() - t0:.1f}s")
+    assert len(actors) == 2 and len(pids) == 2 and os.getpid() not in pids
+    assert len(shard_files(out)) == len(RUNS) * NUM_PROBLEMS
+    pd.testing.assert_frame_equal(table(got), table(summary))
+    pd.testing.assert_frame_equal(all_rows(out), all_rows(src))
+
+
+# ----------------------------------------------------------------------------- 5. thresholds override
+
+
+@pytest.mark.parametrize("config", ["token_replacement", "extrapolation"])
+def test_thresholds_override_replaces_defaults(config, tmp_path):
+    def plan(*overrides):
+        cfg = make_cfg(tmp_path, *overrides, config=config, sizes=SIZES)
+        sweep.validate(cfg)
+        return {(r.criterion, r.threshold) for r in sweep.plan_runs(cfg)}
+
+    default = plan()  # sweep.thresholds is null: the config's default_thresholds
+    assert {c for c, _ in default} >= {"none", "all", "delta_logp"}
+    if config == "token_replacement":
+        assert {c for c, _ in default} == {"none", "all", "delta_logp", "avg_kl", "entropy_base", "random"}
+        assert len(default) == 2 + 16
+    # a dict on the command line replaces the whole table (it used to merge into the defaults)
+    assert plan("sweep.thresholds={avg_kl:[0.2,0.4]}") == {("none", 0.0), ("all", 0.0), ("avg_kl", 0.2), ("avg_kl", 0.4)}
+    assert plan("sweep.thresholds={random:0.3}", "sweep.baselines=false") == {("random", 0.3)}
+    assert plan("+sweep.thresholds.entropy_rl=[1.5]", "sweep.baselines=false") == {("entropy_rl", 1.5)}
+    # the defaults can still be edited one criterion at a time
+    assert ("delta_logp", -0.7) in plan("sweep.default_thresholds.delta_logp=[-0.7]")
+    with pytest.raises(sweep.SweepError, match="nothing to sweep"):
+        plan("sweep.thresholds={}")
