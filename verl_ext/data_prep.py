@@ -24,15 +24,14 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import re
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import hydra
 
+from verl_ext.atomic_io import atomic_write_bytes
 from verl_ext.generation import PROMPT_SUFFIX, format_problem
 
 REPO = Path(__file__).resolve().parents[1]
@@ -275,18 +274,6 @@ def deduplicate(rows: list[dict]) -> tuple[list[dict], int]:
             seen.add(key)
             kept.append(row)
     return kept, len(rows) - len(kept)
-
-
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def write_parquet(rows: list[dict], path: str | Path) -> Path:

@@ -44,6 +44,7 @@ import pyarrow.parquet as pq
 from omegaconf import DictConfig, OmegaConf
 
 from verl_ext.analysis.token_metrics import METRICS
+from verl_ext.atomic_io import atomic_write_bytes
 
 GENERATION_COLUMNS = ("generator", "prompt_index", "sample_index", "response_id", "prompt_ids", "response_ids")
 TOKEN_SCHEMA = pa.schema(
@@ -94,12 +95,9 @@ def shard_name(index: int) -> str:
 
 def write_parquet_atomic(table: pa.Table, path: Path) -> Path:
     """Write `table` to a hidden temporary file next to `path`, then rename it into place."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    pq.write_table(table, tmp)
-    os.replace(tmp, path)
-    return path
+    buf = pa.BufferOutputStream()
+    pq.write_table(table, buf)
+    return atomic_write_bytes(path, buf.getvalue().to_pybytes())
 
 
 def records_to_table(records: list[ResponseRecord]) -> pa.Table:

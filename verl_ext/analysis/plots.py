@@ -9,6 +9,7 @@
 from __future__ import annotations
 
 import importlib.util
+import io
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -20,6 +21,7 @@ import numpy as np
 import pandas as pd
 
 from verl_ext.analysis.report import METRIC_LABELS
+from verl_ext.atomic_io import atomic_write_bytes
 
 HISTOGRAM_PANELS = ("delta_logp", "entropy_base", "entropy_rl", "kl_rl_base", "kl_base_rl", "kl_avg")
 GENERATOR_COLOURS = {"base": "tab:blue", "rl": "tab:red"}
@@ -36,12 +38,10 @@ def generator_colours(generators: Sequence[str]) -> dict[str, str]:
 
 def _save(fig, path: Path) -> Path:
     """Write the PNG atomically (temporary name, then rename) and close the figure."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.stem}.tmp.png")
-    fig.savefig(tmp, dpi=120, bbox_inches="tight")
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=120, bbox_inches="tight")
     plt.close(fig)
-    tmp.replace(path)
-    return path
+    return atomic_write_bytes(path, buf.getvalue())
 
 
 def histogram_edges(values: np.ndarray, bins: int, metric: str) -> np.ndarray:

@@ -16,6 +16,7 @@ import numpy as np
 import pandas as pd
 
 from verl_ext.analysis.token_metrics import METRICS
+from verl_ext.atomic_io import atomic_write_bytes
 
 METRIC_LABELS = {
     "logp_base": r"log $\pi_B(y_t)$",
@@ -239,6 +240,4 @@ def write_json(obj, path: Path) -> None:
             return None
         return x
 
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(clean(obj), indent=1, ensure_ascii=False))
-    tmp.replace(path)
+    atomic_write_bytes(path, json.dumps(clean(obj), indent=1, ensure_ascii=False).encode())

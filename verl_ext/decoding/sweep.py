@@ -27,14 +27,13 @@ from __future__ import annotations
 import io
 import json
 import math
-import os
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
 import hydra
 from omegaconf import DictConfig, OmegaConf
 
+from verl_ext.atomic_io import atomic_write_bytes
 from verl_ext.decoding.criteria import ABOVE, BELOW, get_criterion
 
 BASELINES = (("none", 0.0), ("all", 0.0))  # π_B alone (ratio 0) and π_RL / π_Extra alone (ratio 1)
@@ -109,25 +108,12 @@ def shard_ranges(num_problems: int, shard_problems: int) -> list[tuple[int, int]
 # ----------------------------------------------------------------------------- atomic files
 
 
-def atomic_write(path: Path, data: bytes) -> None:
-    """Write to a temporary file in the same folder, then rename over `path`."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def write_parquet(path: Path, rows: list[dict]) -> None:
     import pandas as pd
 
     buf = io.BytesIO()
     pd.DataFrame(rows).to_parquet(buf, index=False)
-    atomic_write(path, buf.getvalue())
+    atomic_write_bytes(path, buf.getvalue())
 
 
 # ----------------------------------------------------------------------------- the worker
@@ -326,9 +312,9 @@ def calibrate(cfg: DictConfig, executor, out_dir: Path) -> dict[str, list[float]
                     best = (tau, pilot["ratio"])
                 tau = quantile_threshold(pilot["scores"], name, target)
             done[key] = {"threshold": best[0], "ratio": best[1]}
-            atomic_write(path, json.dumps(done, indent=1).encode())
+            atomic_write_bytes(path, json.dumps(done, indent=1).encode())
             print(f"[calibrate] {key}: tau={best[0]:.4g} (pilot replace ratio {best[1]:.3f})", flush=True)
-    atomic_write(path, json.dumps(done, indent=1).encode())
+    atomic_write_bytes(path, json.dumps(done, indent=1).encode())
     out: dict[str, list[float]] = {}
     for key, v in done.items():
         name, _ = key.split("@")
@@ -395,7 +381,7 @@ def plot_curves(summary: list[dict], path: Path, title: str) -> None:
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=130)
     plt.close(fig)
-    atomic_write(path, buf.getvalue())
+    atomic_write_bytes(path, buf.getvalue())
 
 
 # ----------------------------------------------------------------------------- entry point
@@ -424,7 +410,7 @@ def run(cfg: DictConfig) -> list[dict]:
     validate(cfg)
     out_dir = Path(cfg.output_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    atomic_write(out_dir / "config.yaml", OmegaConf.to_yaml(cfg, resolve=True).encode())
+    atomic_write_bytes(out_dir / "config.yaml", OmegaConf.to_yaml(cfg, resolve=True).encode())
     executor = RayPool(cfg) if use_ray(cfg) else InProcess(cfg)
     calibrated = calibrate(cfg, executor, out_dir) if cfg.sweep.target_ratios else None
     if calibrated is not None:
@@ -447,7 +433,7 @@ def run(cfg: DictConfig) -> list[dict]:
     rows = pd.concat([pd.read_parquet(s[3]) for s in shards], ignore_index=True)
     summary = summarize(rows, list(cfg.pass_ks))
     write_parquet(out_dir / "results.parquet", summary)
-    atomic_write(out_dir / "results.json", json.dumps(summary, indent=1).encode())
+    atomic_write_bytes(out_dir / "results.json", json.dumps(summary, indent=1).encode())
     plot_curves(summary, out_dir / "accuracy_vs_replace_ratio.png", cfg.plot_title)
     for row in summary:
         print(f"[sweep] {row['run']}: accuracy={row['accuracy']:.4f} replace_ratio={row['replace_ratio']:.4f}")
