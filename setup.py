@@ -35,6 +35,7 @@ setup(
         "numpy>=2.0",
         "matplotlib",
         "tqdm",
+        "psutil",
         "scipy",
     ],
     extras_require={
