@@ -50,3 +50,4 @@ mkdir -p "$LOG_DIR"
 echo "[run_dapo_reweight] preset=$PRESET weighting=${WEIGHTING:-<config default>} alpha=${ALPHA:-<default>} log=$LOG_DIR/train.log"
 set -o pipefail
 "$PY" -m recipe.dapo_reweight.main "${ARGS[@]}" "$@" 2>&1 | tee "$LOG_DIR/train.log"
+echo "[run_dapo_reweight] full log: $LOG_DIR/train.log"

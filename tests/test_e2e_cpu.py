@@ -39,6 +39,9 @@ def run_training(run_dir: Path, log_name: str, *overrides: str) -> tuple[int, st
     """Run one training in `run_dir` (checkpoints) and return (exit code, full log)."""
     env = {k: v for k, v in os.environ.items() if k not in ("VERL_PLATFORM", "CUDA_VISIBLE_DEVICES")}
     env.update(PRESET="tiny-cpu", TINY_RUN_DIR=str(run_dir), LOG_DIR=str(run_dir / "logs" / log_name))
+    # wandb in offline mode: the run files are checked below (nothing leaves the machine)
+    (run_dir / log_name).mkdir(exist_ok=True)
+    env.update(WANDB_MODE="offline", WANDB_DIR=str(run_dir / log_name), WANDB_RUN_GROUP="e2e-test", WEIGHTING="lowprob")
     proc = subprocess.run(
         train_command(*overrides),
         cwd=REPO,
@@ -99,6 +102,29 @@ def test_dapo_training_runs_two_steps_on_cpu(first_run):
         # rollout log-probs (hf backend) agree with the trainer's recomputation
         assert values["training/rollout_probs_diff_mean"] < 0.05
     assert saved_steps(run_dir) == {1, 2}
+    # the newcomer's summary: what was trained and where checkpoints and logs are
+    assert re.search(r"\[dapo_reweight\] finished tiny-cpu-lowprob-a0.2-topp1.0: preset tiny-cpu, weighting lowprob", log)
+    assert re.search(r"checkpoints: \S+ \(latest: \S+global_step_2\)", log), _tail(log)
+    assert "[run_dapo_reweight] full log:" in log
+
+
+@pytest.mark.slow
+def test_wandb_offline_run_has_the_hook_metrics_and_every_dashboard_panel(first_run, read_wandb_history):
+    from verl_ext.dashboard import dashboard_metric_keys
+
+    run_dir, code, log = first_run
+    assert code == 0, _tail(log)
+    (wandb_run,) = (run_dir / "first" / "wandb").glob("offline-run-*")
+    rows = read_wandb_history(wandb_run)
+    assert len(rows) == 2, f"expected one wandb history row per training step, got {len(rows)}"
+    for row in rows:
+        assert 1.0 <= row["actor/reweight/weight_min"] <= row["actor/reweight/weight_mean"] <= 1.2
+        assert row["actor/reweight/alpha"] == 0.2
+        assert 0.0 <= row["rollout/top_p_truncated_mass_mean"] < 0.05  # top-p 1: only engine mismatch
+    logged = set().union(*rows)
+    # ppl_abs_z_mean is logged by the ppl scheme only; this run uses lowprob
+    assert set(dashboard_metric_keys()) - logged == {"actor/reweight/ppl_abs_z_mean"}
+    assert "tiny-cpu-lowprob-a0.2-topp1.0" in log  # the run name encodes preset, scheme, alpha, top-p
 
 
 @pytest.mark.slow

@@ -127,6 +127,24 @@ def run(config: DictConfig) -> None:
         from verl.trainer.main_ppo_v0 import TaskRunner
 
         run_ppo(config, task_runner_class=TaskRunner)
+    print(run_summary(config))
+
+
+def run_summary(config: DictConfig) -> str:
+    """What was trained and where its checkpoints are, printed when training finishes."""
+    from verl.utils.checkpoint.checkpoint_manager import find_latest_ckpt_path
+
+    policy_loss = config.actor_rollout_ref.actor.policy_loss
+    ckpt_dir = os.path.abspath(config.trainer.default_local_dir)
+    latest = find_latest_ckpt_path(ckpt_dir) if os.path.isdir(ckpt_dir) else None
+    lines = [
+        f"[dapo_reweight] finished {config.trainer.experiment_name}: preset {config.get('preset_name')}, "
+        f"weighting {policy_loss.get('weighting', policy_loss.loss_mode)} (alpha {policy_loss.get('alpha')}), "
+        f"model {config.actor_rollout_ref.model.path}",
+        f"  checkpoints: {ckpt_dir} (latest: {latest or 'none saved'})",
+        f"  loggers: {', '.join(config.trainer.logger)} (project {config.trainer.project_name})",
+    ]
+    return "\n".join(lines)
 
 
 @hydra.main(config_path="config", config_name="dapo_reweight", version_base=None)

@@ -1,0 +1,55 @@
+"""Shared test helpers."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+_BLOCK = 32768  # wandb's transaction log is a LevelDB-style log of 32 KiB blocks
+_HEADER = 7  # record header: crc32 (4) + length (2, little endian) + type (1)
+_FULL, _FIRST, _MIDDLE, _LAST = 1, 2, 3, 4
+
+
+def wandb_log_records(path: str | Path) -> list[bytes]:
+    """The serialized records of an offline wandb run file (`run-<id>.wandb`)."""
+    data = Path(path).read_bytes()
+    assert data[:4] == b":W&B", f"{path} is not a wandb run file"
+    records, pending, pos = [], b"", 7  # file header: ':W&B' + magic (2) + version (1)
+    while pos + _HEADER <= len(data):
+        if _BLOCK - pos % _BLOCK < _HEADER:  # block trailer too small for a header: padding
+            pos += _BLOCK - pos % _BLOCK
+            continue
+        length, kind = int.from_bytes(data[pos + 4 : pos + 6], "little"), data[pos + 6]
+        chunk = data[pos + _HEADER : pos + _HEADER + length]
+        pos += _HEADER + length
+        if kind == _FULL:
+            records.append(chunk)
+        elif kind == _FIRST:
+            pending = chunk
+        elif kind == _MIDDLE:
+            pending += chunk
+        elif kind == _LAST:
+            records.append(pending + chunk)
+    return records
+
+
+def wandb_offline_history(run_dir: str | Path) -> list[dict]:
+    """History rows ({key: value}) logged to an offline wandb run folder, in order."""
+    from wandb.proto import wandb_internal_pb2 as pb
+
+    (run_file,) = Path(run_dir).glob("run-*.wandb")
+    rows = []
+    for raw in wandb_log_records(run_file):
+        record = pb.Record()
+        record.ParseFromString(raw)
+        if record.WhichOneof("record_type") == "history":
+            rows.append({item.key or "/".join(item.nested_key): json.loads(item.value_json) for item in record.history.item})
+    return rows
+
+
+@pytest.fixture
+def read_wandb_history():
+    """`read_wandb_history(offline_run_dir) -> list of {metric: value}` (see wandb_offline_history)."""
+    return wandb_offline_history
