@@ -1,6 +1,8 @@
 """The recipe config: every preset x every scheme composes and validates (what DRY_RUN=1 does)."""
 
 import functools
+import os
+import re
 import subprocess
 from pathlib import Path
 
@@ -95,3 +97,39 @@ def test_dry_run_script_names_bad_preset_and_scheme():
     )
     assert bad_scheme.returncode == 2
     assert "WEIGHTING=foo is not valid; valid choices: lowprob ppl dominate none" in bad_scheme.stderr
+
+
+def test_missing_model_or_data_and_rows_without_ground_truth_are_named(tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from recipe.dapo_reweight.main import check_data_files, check_model_path
+
+    with pytest.raises(FileNotFoundError, match=r"actor_rollout_ref.model.path='/no/such/model': no such model"):
+        check_model_path("/no/such/model", "actor_rollout_ref.model.path")
+    check_model_path("Qwen/Qwen2.5-Math-7B", "actor_rollout_ref.model.path")  # a hub id is left to transformers
+    check_model_path(str(tmp_path), "actor_rollout_ref.model.path")
+    missing = tmp_path / "train.parquet"
+    with pytest.raises(FileNotFoundError, match=f"data.train_files: data file '{missing}' does not exist"):
+        check_data_files([str(missing)], "data.train_files")
+    rows = [{"ground_truth": "12", "style": "rule"}, {"ground_truth": "7", "style": "rule"}, {"ground_truth": None, "style": "rule"}]
+    pq.write_table(pa.table({"reward_model": rows}), missing)
+    with pytest.raises(ValueError, match=f"data.train_files: {missing} row 2 has no reward_model.ground_truth"):
+        check_data_files(str(missing), "data.train_files")
+
+
+def test_baselines_script_gives_dominate_its_paper_settings():
+    out = subprocess.run(
+        ["bash", "scripts/run_baselines.sh"], cwd=REPO, capture_output=True, text=True, check=False,
+        env={**os.environ, "DRY_RUN": "1", "SCHEMES": "dominate", "PRESET": "qwen2.5-math-7b", "LOG_DIR": "/tmp/bl"},
+    )
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "dry run: config composed and validated" in out.stdout
+    config = out.stdout[out.stdout.index("actor_rollout_ref:"):]
+    assert "clip_ratio_high: 0.24" in config and "weighting: dominate" in config
+    assert re.search(r"experiment_name: qwen2.5-math-7b-dominate-a0.1-topp1.0", config)
+    bad = subprocess.run(
+        ["bash", "scripts/run_baselines.sh"], cwd=REPO, capture_output=True, text=True, check=False,
+        env={**os.environ, "SCHEMES": "none lowprb"},
+    )
+    assert bad.returncode == 2 and "SCHEMES=lowprb is not valid" in bad.stderr
