@@ -41,7 +41,9 @@ if [ -n "${RAY_ADDRESS:-}" ]; then
   ARGS+=("++ray_kwargs.ray_init.num_cpus=null" "++ray_kwargs.ray_init.num_gpus=null")
   for name in VERL_PLATFORM VERL_ENGINE_DEVICE TOKENIZERS_PARALLELISM TINY_ASSETS_DIR TINY_RUN_DIR \
               WANDB_MODE WANDB_PROJECT WANDB_ENTITY WANDB_RUN_GROUP WANDB_DIR; do
-    [ -n "${!name:-}" ] && ARGS+=("++ray_kwargs.ray_init.runtime_env.env_vars.$name=${!name}")
+    # quoted: Ray wants strings, and Hydra would turn false / 1 / null into bool / int / None
+    value="${!name:-}"; value="${value//\'/\\\'}"
+    [ -n "$value" ] && ARGS+=("++ray_kwargs.ray_init.runtime_env.env_vars.$name='$value'")
   done
 fi
 
