@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import math
+import re
 from pathlib import Path
 
 import pytest
@@ -53,3 +55,26 @@ def wandb_offline_history(run_dir: str | Path) -> list[dict]:
 def read_wandb_history():
     """`read_wandb_history(offline_run_dir) -> list of {metric: value}` (see wandb_offline_history)."""
     return wandb_offline_history
+
+
+def _console_number(text: str) -> float:
+    """A value as verl's console logger prints it: `0.5`, `nan`, `-inf` or `np.float64(0.5)`."""
+    match = re.fullmatch(r"(?:np\.\w+\()?\s*([-+0-9.eEinfa]+)\)?", text.strip())
+    return float(match.group(1)) if match else math.nan
+
+
+def console_step_metrics(log: str) -> dict[int, dict[str, float]]:
+    """verl's console logger lines `step:N - key:value - ...`, parsed per step."""
+    steps = {}
+    for line in log.splitlines():
+        match = re.search(r"\bstep:(\d+) - (.*)$", line)
+        if match:
+            items = (item.split(":", 1) for item in match.group(2).split(" - ") if ":" in item)
+            steps[int(match.group(1))] = {key.strip(): _console_number(value) for key, value in items}
+    return steps
+
+
+@pytest.fixture
+def step_metrics():
+    """`step_metrics(console_log) -> {step: {metric: value}}` (see console_step_metrics)."""
+    return console_step_metrics

@@ -242,6 +242,56 @@ def test_temperature_changes_the_spread_of_samples(model_and_tokenizer):
     assert distinct(0.2) < distinct(2.0)
 
 
+def test_row_keyed_sampling_is_independent_of_batch_and_order(model_and_tokenizer):
+    """With row_keys, a row draws the same tokens alone, in a batch, or in another order."""
+    from verl_ext.decoding import rng
+
+    model, tokenizer = model_and_tokenizer
+    prompts = chat_prompts(tokenizer, EXPRESSIONS)
+    keys = rng.sequence_keys(7, torch.arange(len(prompts)))
+    spec = SamplingSpec(10, temperature=1.2, top_p=0.9)
+    together = generate_batch(model, prompts, [spec] * len(prompts), 0, row_keys=keys)
+    order = list(reversed(range(len(prompts))))
+    reversed_ = generate_batch(model, [prompts[i] for i in order], [spec] * len(prompts), 0, row_keys=keys[order])
+    alone = [generate_batch(model, [p], [spec], 0, row_keys=keys[i : i + 1])[0] for i, p in enumerate(prompts)]
+    tokens = [g.token_ids for g in together]
+    assert [reversed_[order.index(i)].token_ids for i in range(len(prompts))] == tokens
+    assert [g.token_ids for g in alone] == tokens
+    other = generate_batch(model, prompts, [spec] * len(prompts), 0, row_keys=rng.sequence_keys(8, torch.arange(6)))
+    assert [g.token_ids for g in other] != tokens, "another seed must draw other tokens"
+    with pytest.raises(ValueError, match="one key per prompt"):
+        generate_batch(model, prompts, [spec] * len(prompts), 0, row_keys=keys[:2])
+
+
+def test_row_keyed_sampling_follows_the_sampling_distribution(model_and_tokenizer):
+    """Frequencies of the first token over 4000 keyed rows match exp(sampling log-probs) (chi-square)."""
+    from scipy.stats import chisquare
+
+    from verl_ext.decoding import rng
+
+    model, tokenizer = model_and_tokenizer
+    prompt = chat_prompts(tokenizer, ["3+4"])[0]
+    spec = SamplingSpec(1, temperature=1.5)
+    n = 4000
+    outs = generate_batch(model, [prompt] * n, [spec] * n, 0, row_keys=rng.sequence_keys(0, torch.arange(n)))
+    logits = teacher_forced_logits(model, prompt, [0])[:1]
+    probs = (logits[0] / 1.5).softmax(-1).double()
+    counts = torch.bincount(torch.tensor([o.token_ids[0] for o in outs]), minlength=probs.numel()).double()
+    common = probs * n >= 5  # chi-square needs expected counts >= 5; pool the rest
+    observed = torch.cat([counts[common], counts[~common].sum()[None]])
+    expected = torch.cat([probs[common], probs[~common].sum()[None]]) * n
+    assert chisquare(observed.numpy(), expected.numpy() * observed.sum().item() / expected.sum().item()).pvalue > 1e-3
+
+
+def test_stable_stream_ids_do_not_depend_on_the_process():
+    from verl_ext.cpu.rollout import stable_stream_id
+
+    code = "from verl_ext.cpu.rollout import stable_stream_id; print(stable_stream_id('det-3#1'))"
+    other_process = _run_python(code, PYTHONHASHSEED="123").stdout.strip().splitlines()[-1]
+    assert int(other_process) == stable_stream_id("det-3#1")
+    assert 0 <= stable_stream_id("det-3#1") < 2**63 and stable_stream_id("det-3#1") != stable_stream_id("det-3#2")
+
+
 def test_abort_ends_unfinished_rows(model_and_tokenizer):
     model, tokenizer = model_and_tokenizer
     prompts = chat_prompts(tokenizer, EXPRESSIONS[:2])
@@ -291,23 +341,7 @@ def _rollout_config(**overrides):
 
 @pytest.fixture(scope="module")
 def server(ray_cluster, assets):
-    from verl.workers.config import HFModelConfig
-    from verl.workers.rollout.replica import RolloutMode
-
-    from verl_ext.cpu.rollout import HFRolloutServer, server_actor_name
-
-    actor = (
-        ray_cluster.remote(HFRolloutServer)
-        .options(name=server_actor_name(0), max_concurrency=1000, num_cpus=0)
-        .remote(
-            config=_rollout_config(),
-            model_config=HFModelConfig(path=str(assets.model_dir)),
-            rollout_mode=RolloutMode.HYBRID,
-            workers=[],
-            replica_rank=0,
-        )
-    )
-    ray_cluster.get(actor.get_stats.remote())
+    actor = _start_server(ray_cluster, assets, "")
     yield actor
     ray_cluster.kill(actor)
 
@@ -337,6 +371,59 @@ def test_server_batches_concurrent_requests(ray_cluster, server, model_and_token
         assert out.stop_reason == "completed"
     no_lp = _generate_all(ray_cluster, server, prompts[:2], {"temperature": 1.0, "logprobs": False})
     assert all(o.log_probs is None for o in no_lp)
+
+
+def _start_server(ray, assets, name_suffix: str, **config):
+    from verl.workers.config import HFModelConfig
+    from verl.workers.rollout.replica import RolloutMode
+
+    from verl_ext.cpu.rollout import HFRolloutServer, server_actor_name
+
+    actor = (
+        ray.remote(HFRolloutServer)
+        .options(name=server_actor_name(0, suffix=name_suffix), max_concurrency=1000, num_cpus=0)
+        .remote(
+            config=_rollout_config(**config),
+            model_config=HFModelConfig(path=str(assets.model_dir)),
+            rollout_mode=RolloutMode.HYBRID,
+            workers=[],
+            replica_rank=0,
+        )
+    )
+    ray.get(actor.get_stats.remote())
+    return actor
+
+
+def test_full_determinism_gives_each_request_id_its_own_stream(ray_cluster, assets, model_and_tokenizer):
+    """rollout.full_determinism: a fresh server given verl's "det-<row>" ids in another order, in other
+    batches, returns the same tokens per id; the second time an id comes it gets a new stream."""
+    _, tokenizer = model_and_tokenizer
+    prompts = chat_prompts(tokenizer, EXPRESSIONS) * 2
+    params = {"temperature": 1.0, "top_p": 1.0, "logprobs": True}
+    ids = [f"det-{i}" for i in range(len(prompts))]
+
+    def run(order, suffix):
+        server = _start_server(ray_cluster, assets, suffix, full_determinism=True, seed=3)
+        try:
+            outs = {}
+            for _ in range(2):  # two "steps": every id comes twice
+                refs = {
+                    i: server.generate.remote(prompt_ids=prompts[i], sampling_params=params, request_id=ids[i])
+                    for i in order
+                }
+                outs.setdefault(
+                    "first" if not outs else "second", {i: ray_cluster.get(r).token_ids for i, r in refs.items()}
+                )
+            return outs
+        finally:
+            ray_cluster.kill(server)
+
+    forward = run(list(range(len(prompts))), "-det-a")
+    backward = run(list(reversed(range(len(prompts)))), "-det-b")
+    assert forward == backward
+    assert forward["first"] != forward["second"], "a repeated request id must not reuse its random stream"
+    # the same prompt under different ids (rows 0 and 6) samples independently
+    assert [forward["first"][i] for i in range(6)] != [forward["first"][i + 6] for i in range(6)]
 
 
 def test_adapter_pushes_new_weights_and_generation_changes(

@@ -3,7 +3,8 @@
 One small in-process sweep (4 problems × 2 samples, 8 new tokens, `none`/`all` + 2 Δlog p
 thresholds, 2 shards per run) is shared by the tests; they check its table against the raw shard
 rows, its resuming, the shell script (which must reproduce the same table), the error on a bad
-criterion name, the Ray actor pool (same table again) and the `sweep.thresholds` override.
+criterion name, the Ray actor pool (same table again), the `sweep.thresholds` override and what
+an offline wandb run receives (wandb is off everywhere else, whatever the environment says).
 Everything runs with one torch thread so that the three execution paths are bit-comparable.
 """
 
@@ -20,7 +21,9 @@ import pandas as pd
 import pytest
 import torch
 from hydra import compose, initialize_config_dir
+from omegaconf import OmegaConf
 
+from verl_ext import wandb_logging
 from verl_ext.decoding import sweep
 
 REPO = Path(__file__).resolve().parents[1]
@@ -29,7 +32,7 @@ NUM_PROBLEMS, N_SAMPLES, SHARD_PROBLEMS = 4, 2, 2
 TAUS = (-0.1, -0.5)
 SIZES = [
     f"n_samples={N_SAMPLES}", f"data.max_problems={NUM_PROBLEMS}", f"shard_problems={SHARD_PROBLEMS}",
-    "decoding.max_new_tokens=8", "pass_ks=[1,2]", "show_progress=false",
+    "decoding.max_new_tokens=8", "pass_ks=[1,2]", "show_progress=false", "wandb.enable=false",
 ]
 TINY = [*SIZES, f"sweep.thresholds={{delta_logp:[{','.join(map(str, TAUS))}]}}"]
 RUNS = {("none", 0.0), ("all", 0.0)} | {("delta_logp", t) for t in TAUS}
@@ -261,3 +264,102 @@ def test_thresholds_override_replaces_defaults(config, tmp_path):
     assert ("delta_logp", -0.7) in plan("sweep.default_thresholds.delta_logp=[-0.7]")
     with pytest.raises(sweep.SweepError, match="nothing to sweep"):
         plan("sweep.thresholds={}")
+
+
+# ----------------------------------------------------------------------------- 6. wandb
+
+
+def logged_table(run_dir: Path, row: dict, key: str) -> pd.DataFrame:
+    """The wandb.Table logged under `key`, read back from the offline run's media file."""
+    data = json.loads((run_dir / "files" / row[f"{key}/path"]).read_text())
+    return pd.DataFrame(data["data"], columns=data["columns"])
+
+
+def test_wandb_run_holds_table_plot_curves_and_numbers(swept, tmp_path, monkeypatch, read_wandb_history):
+    src, summary, _ = swept
+    out = tmp_path / "logged"
+    shutil.copytree(src, out)  # every shard is done: this run only aggregates, plots and logs
+    env = {"WANDB_MODE": "offline", "WANDB_DIR": str(tmp_path), "WANDB_SILENT": "true", "WANDB_RUN_GROUP": "sweep-test"}
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    started = []
+
+    def keep(*args, **kwargs):
+        started.append(wandb_logging.start_run(*args, **kwargs))
+        return started[-1]
+
+    monkeypatch.setattr(sweep, "start_run", keep)
+    t0 = time.perf_counter()
+    got = sweep.run(make_cfg(out, "wandb.enable=auto"))  # auto: on, because WANDB_MODE is set
+    print(f"sweep logged to wandb: {time.perf_counter() - t0:.1f}s")
+    pd.testing.assert_frame_equal(table(got), table(summary))
+
+    # the training's project (trainer.project_name of the recipe) and group (WANDB_RUN_GROUP)
+    (run,) = started
+    recipe = OmegaConf.load(REPO / "recipe" / "dapo_reweight" / "config" / "dapo_reweight.yaml")
+    assert run.project == recipe.trainer.project_name
+    assert (run.group, run.name, run.job_type) == ("sweep-test", "token_replacement-logged", "decoding")
+    assert run.config["sweep"]["thresholds"] == {"delta_logp": list(TAUS)} and run.config["output_dir"] == str(out)
+
+    (run_dir,) = (tmp_path / "wandb").glob("offline-run-*")  # WANDB_DIR, not the output folder
+    (row,) = read_wandb_history(run_dir)
+    assert row["sweep/results/_type"] == "table-file" and row["sweep/results/nrows"] == len(RUNS)
+    pd.testing.assert_frame_equal(table(logged_table(run_dir, row, "sweep/results").to_dict("records")),
+                                  table(summary), check_dtype=False)
+    assert row["sweep/accuracy_vs_replace_ratio/_type"] == "image-file"
+    png = run_dir / "files" / row["sweep/accuracy_vs_replace_ratio/path"]
+    assert png.read_bytes() == (out / "accuracy_vs_replace_ratio.png").read_bytes()
+
+    # wandb's line chart: the criterion's points, and π_B / π_RL drawn across the replace-ratio axis
+    lines = logged_table(run_dir, row, "sweep/accuracy_vs_replace_ratio_lines_table")
+    points = {key: sorted(zip(g["step"], g["lineVal"])) for key, g in lines.groupby("lineKey")}
+    by = table(summary).set_index(["criterion", "threshold"])
+    assert set(points) == {"delta_logp", "π_B (base)", "π_RL"}
+    expected = sorted((by.loc[("delta_logp", t), "replace_ratio"], 100 * by.loc[("delta_logp", t), "accuracy"])
+                      for t in TAUS)
+    assert [v for xy in points["delta_logp"] for v in xy] == pytest.approx([v for xy in expected for v in xy])
+    for label, criterion in (("π_B (base)", "none"), ("π_RL", "all")):
+        level = 100 * by.loc[(criterion, 0.0), "accuracy"]
+        assert [v for xy in points[label] for v in xy] == pytest.approx([0.0, level, 1.0, level])
+
+    for r in summary:  # the per-run numbers
+        for metric in ("accuracy", "replace_ratio", "mean_response_length", "pass@1", "pass@2"):
+            assert row[f"sweep/{r['run']}/{metric}"] == pytest.approx(r[metric]), (r["run"], metric)
+
+
+def test_bad_wandb_enable_names_value_and_choices(tmp_path):
+    # refused before any model is loaded or anything is written
+    with pytest.raises(ValueError, match=re.escape("wandb.enable='bogus' is invalid; valid choices: auto, true, false")):
+        sweep.run(make_cfg(tmp_path / "bad", "wandb.enable=bogus", sizes=SIZES))
+    assert not (tmp_path / "bad").exists()
+
+
+@pytest.mark.parametrize(("env", "expected"), [
+    ({}, False), ({"WANDB_MODE": "offline"}, True), ({"WANDB_API_KEY": "x" * 40}, True), ({"WANDB_MODE": ""}, False),
+])
+def test_wandb_auto_follows_training_rule(env, expected, monkeypatch):
+    # training logs to wandb exactly when WANDB_API_KEY or WANDB_MODE is non-empty (run_dapo_reweight.sh)
+    for name in ("WANDB_MODE", "WANDB_API_KEY"):
+        monkeypatch.delenv(name, raising=False)
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    assert wandb_logging.wandb_enabled("auto") is expected
+    assert wandb_logging.wandb_enabled(True) is True and wandb_logging.wandb_enabled(False) is False
+
+
+def test_curves_have_one_series_per_label_across_gammas_and_seeds():
+    # what the PNG and the wandb line chart draw for an extrapolation sweep with two γ and two seeds
+    rows = [
+        {"criterion": c, "threshold": t, "gamma": gamma, "seed": seed, "accuracy": acc + seed / 10, "replace_ratio": r}
+        for gamma in (0.05, 0.1) for seed in (0, 1)
+        for c, t, acc, r in (("none", 0.0, 0.3, 0.0), ("all", 0.0, 0.4 + gamma, 1.0),
+                             ("delta_logp", -0.1, 0.5, 0.2 + gamma), ("delta_logp", -0.3, 0.45, 0.1))
+    ]
+    lines, refs = sweep.curves(rows)
+    assert lines == [("delta_logp (γ=0.05)", pytest.approx([0.1, 0.25]), pytest.approx([50.0, 55.0])),
+                     ("delta_logp (γ=0.1)", pytest.approx([0.1, 0.3]), pytest.approx([50.0, 55.0]))]
+    # π_B once (it does not depend on γ), π_Extra per γ: every wandb series key is distinct
+    assert refs == [("π_B (base)", pytest.approx(35.0), "gray"), ("π_Extra (γ=0.05)", pytest.approx(50.0), "black"),
+                    ("π_Extra (γ=0.1)", pytest.approx(55.0), "black")]
+    replace = [{**r, "gamma": 0.0} for r in rows if r["gamma"] == 0.05]
+    assert [label for label, _, _ in sweep.curves(replace)[1]] == ["π_B (base)", "π_RL"]

@@ -56,22 +56,6 @@ def run_training(run_dir: Path, log_name: str, *overrides: str) -> tuple[int, st
     return proc.returncode, proc.stdout
 
 
-def _number(text: str) -> float:
-    match = re.fullmatch(r"(?:np\.\w+\()?\s*([-+0-9.eEinfa]+)\)?", text.strip())
-    return float(match.group(1)) if match else math.nan
-
-
-def step_metrics(log: str) -> dict[int, dict[str, float]]:
-    """verl's console logger lines `step:N - key:value - ...`, parsed per step."""
-    steps = {}
-    for line in log.splitlines():
-        match = re.search(r"\bstep:(\d+) - (.*)$", line)
-        if match:
-            items = (item.split(":", 1) for item in match.group(2).split(" - ") if ":" in item)
-            steps[int(match.group(1))] = {key.strip(): _number(value) for key, value in items}
-    return steps
-
-
 def saved_steps(run_dir: Path) -> set[int]:
     return {int(p.name.split("_")[-1]) for p in run_dir.rglob("global_step_*") if p.is_dir()}
 
@@ -88,7 +72,7 @@ def first_run(tmp_path_factory):
 
 
 @pytest.mark.slow
-def test_dapo_training_runs_two_steps_on_cpu(first_run):
+def test_dapo_training_runs_two_steps_on_cpu(first_run, step_metrics):
     run_dir, code, log = first_run
     assert code == 0, _tail(log)
     metrics = step_metrics(log)
@@ -128,7 +112,7 @@ def test_wandb_offline_run_has_the_hook_metrics_and_every_dashboard_panel(first_
 
 
 @pytest.mark.slow
-def test_resume_continues_from_the_last_saved_step(first_run):
+def test_resume_continues_from_the_last_saved_step(first_run, step_metrics):
     run_dir, code, first_log = first_run
     assert code == 0, _tail(first_log)
     code, log = run_training(run_dir, "resumed", "trainer.total_training_steps=3")

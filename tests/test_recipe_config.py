@@ -75,6 +75,8 @@ def test_paper_presets_have_the_papers_numbers(preset, response_len, lowprob_alp
         ("actor_rollout_ref.actor.policy_loss.alpha=-0.5", "got -0.5"),
         ("actor_rollout_ref.actor.policy_loss.ppl_clamp=[1.3,0.7]", "low=1.3, high=0.7"),
         ("trainer.v1.trainer_mode=sync", None),
+        ("replay_buffer_poll_s=0", r"replay_buffer_poll_s=0 is invalid; valid: a number of seconds > 0"),
+        ("replay_buffer_poll_s=soon", r"replay_buffer_poll_s='soon' is invalid"),
     ],
 )
 def test_bad_values_fail_before_ray(override, message):

@@ -197,7 +197,7 @@ def build_tokenizer():
 
 
 @contextmanager
-def _deterministic_torch(seed: int):
+def deterministic_torch(seed: int):
     """Seed torch and run single-threaded (thread count changes float reduction order)."""
     import torch
 
@@ -260,11 +260,18 @@ def sft_batches(tokenizer, problems, steps: int, batch_size: int, seed: int):
         yield ids, mask, labels
 
 
-def finetune(model, tokenizer, problems, steps: int = SFT_STEPS, seed: int = SEED) -> list[float]:
-    """A short AdamW fine-tune so the model writes `\\boxed{...}` answers, right only part of the time."""
+def sft_optimizer(model, lr: float = SFT_LR):
     import torch
 
-    optimizer = torch.optim.AdamW(model.parameters(), lr=SFT_LR, weight_decay=0.0)
+    return torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
+
+
+def finetune(model, tokenizer, problems, steps: int = SFT_STEPS, seed: int = SEED, optimizer=None) -> list[float]:
+    """A short AdamW fine-tune so the model writes `\\boxed{...}` answers, right only part of the time.
+
+    Pass the same `optimizer` (`sft_optimizer`) to continue a fine-tune in chunks.
+    """
+    optimizer = optimizer if optimizer is not None else sft_optimizer(model)
     losses = []
     model.train()
     for ids, mask, labels in sft_batches(tokenizer, problems, steps, SFT_BATCH, seed):
@@ -278,7 +285,7 @@ def finetune(model, tokenizer, problems, steps: int = SFT_STEPS, seed: int = SEE
 
 
 def _write_model_and_tokenizer(out: Path) -> None:
-    with _deterministic_torch(SEED):
+    with deterministic_torch(SEED):
         tokenizer = build_tokenizer()
         model = build_model(tokenizer)
         losses = finetune(model, tokenizer, arithmetic_problems(seed=SEED + 1))

@@ -5,7 +5,8 @@ After verl's own advantage computation (GRPO group normalisation) it reads the s
 `old_log_probs`, `response_mask`, `uid` and `advantages`, logs exact global weight statistics
 under `actor/reweight/`, and for the response-level `ppl` scheme writes Ã = w_i·Â back. When
 the rollout returned log-probs it also logs the mass a top-p rollout cut (`rollout/top_p_*`).
-Selected with `trainer.v1.trainer_mode=dapo_reweight`.
+Selected with `trainer.v1.trainer_mode=dapo_reweight`. `replay_buffer_poll_s` (recipe config)
+sets how often the replay buffer checks for finished rollouts.
 """
 
 from __future__ import annotations
@@ -25,6 +26,13 @@ from verl_ext.weighting import token_weights
 @register_trainer(TRAINER_MODE)
 class DapoReweightTrainer(PPOTrainerSync):
     """PPOTrainerSync with response-level advantage weighting and weight metrics."""
+
+    def _build_replay_buffer(self):
+        buffer = super()._build_replay_buffer()
+        poll_s = self.config.get("replay_buffer_poll_s")
+        if poll_s is not None:  # validated by recipe.dapo_reweight.main.prepare_config
+            buffer.poll_interval = float(poll_s)
+        return buffer
 
     def _compute_advantage(self, batch, metrics: dict):
         batch = super()._compute_advantage(batch, metrics=metrics)

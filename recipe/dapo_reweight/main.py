@@ -89,6 +89,11 @@ def prepare_config(config: DictConfig) -> DictConfig:
                 f"weighting=ppl needs the group-aware trainer: set trainer.use_v1=true and "
                 f"trainer.v1.trainer_mode={TRAINER_MODE} (got use_v1={config.trainer.use_v1}, mode={trainer_mode})"
             )
+    poll_s = config.get("replay_buffer_poll_s")
+    if poll_s is not None and (isinstance(poll_s, bool) or not isinstance(poll_s, (int, float)) or poll_s <= 0):
+        raise ValueError(
+            f"replay_buffer_poll_s={poll_s!r} is invalid; valid: a number of seconds > 0, or null (verl's 2 s)"
+        )
     # verl's own validation, which also builds the actor dataclasses (our weighting checks).
     validate_config(config=config, use_reference_policy=need_reference_policy(config), use_critic=need_critic(config))
     return config

@@ -45,6 +45,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from verl_ext.analysis.token_metrics import METRICS
 from verl_ext.atomic_io import atomic_write_bytes
+from verl_ext.wandb_logging import start_run, wandb_enabled
 
 GENERATION_COLUMNS = ("generator", "prompt_index", "sample_index", "response_id", "prompt_ids", "response_ids")
 TOKEN_SCHEMA = pa.schema(
@@ -738,29 +739,20 @@ def write_report(cfg: DictConfig, out: Path) -> dict[str, Path]:
     return files
 
 
-def wandb_enabled(setting) -> bool:
-    """`wandb.enable`: true/false, or auto = WANDB_MODE or WANDB_API_KEY is set."""
-    if isinstance(setting, bool):
-        return setting
-    if setting != "auto":
-        raise ValueError(f"wandb.enable={setting!r} is invalid; valid choices: auto, true, false")
-    return bool(os.environ.get("WANDB_MODE") or os.environ.get("WANDB_API_KEY"))
-
-
 def maybe_log_wandb(cfg: DictConfig, df, summary: dict, files: dict[str, Path], tokens_table) -> bool:
     """Histograms (per metric and generator), top-token table, figures and summary numbers to wandb."""
-    if not wandb_enabled(cfg.wandb.enable):
+    out = Path(cfg.output_dir).resolve()
+    run = start_run(
+        cfg.wandb,
+        default_name=f"analyze_logp_diff-{out.name}",
+        config=OmegaConf.to_container(cfg, resolve=True),
+        out_dir=out,
+        job_type="analysis",
+    )
+    if run is None:
         return False
     import wandb
 
-    out = Path(cfg.output_dir).resolve()
-    run = wandb.init(
-        project=cfg.wandb.project,
-        name=cfg.wandb.name or f"analyze_logp_diff-{out.name}",
-        config=OmegaConf.to_container(cfg, resolve=True),
-        dir=str(out),
-        job_type="analysis",
-    )
     logs: dict[str, Any] = {}
     for gen, g in df.groupby("generator"):
         for m in METRICS:
@@ -786,6 +778,7 @@ def run(cfg: DictConfig) -> dict[str, Path]:
     """The whole analysis (see the module docstring); returns the report files."""
     if cfg.input.source not in SOURCES:
         raise ValueError(f"input.source={cfg.input.source!r} is invalid; valid choices: {', '.join(SOURCES)}")
+    wandb_enabled(cfg.wandb.enable)  # a bad setting fails now, not after the scoring
     out = Path(cfg.output_dir).resolve()
     check_manifest(out, config_fingerprint(cfg), cfg.overwrite)
     base, rl, tok_path, tiny = resolve_models(cfg, out)

@@ -21,6 +21,9 @@ from dataclasses import dataclass, field
 
 import torch
 
+from verl_ext.decoding import rng
+from verl_ext.decoding.sampler import sample_from_log_probs
+
 # Sampling keys the server understands; everything else a caller sends must be a no-op value.
 _NEUTRAL_PARAMS = {
     "repetition_penalty": 1.0,
@@ -166,10 +169,13 @@ def generate_batch(
     pad_token_id: int,
     generator: torch.Generator | None = None,
     should_abort: Callable[[], bool] | None = None,
+    row_keys: torch.Tensor | None = None,
 ) -> list[Generation]:
     """Sample continuations of all `prompts` together (one forward per new token, KV cache).
 
-    Each row has its own sampling spec. Rows that finished keep being fed (their outputs are
+    Each row has its own sampling spec. Randomness: one `generator` shared by the batch, or, with
+    `row_keys` ([B] int64 stream keys of `verl_ext.decoding.rng`), row i's t-th token is the
+    inverse-CDF draw at u(key_i, t): the same tokens whatever batch or order the row runs in. Rows that finished keep being fed (their outputs are
     ignored) until every row is done, as `model.generate` does. `should_abort()` is polled
     once per token; when it returns True every unfinished row ends with reason "abort".
     """
@@ -178,6 +184,12 @@ def generate_batch(
     if len(prompts) != len(specs):
         raise ValueError(f"got {len(prompts)} prompts but {len(specs)} sampling specs")
     device = next(model.parameters()).device
+    if row_keys is not None:
+        if row_keys.shape != (len(prompts),):
+            raise ValueError(
+                f"row_keys has shape {tuple(row_keys.shape)}; expected ({len(prompts)},), one key per prompt"
+            )
+        row_keys = row_keys.to(device)
     vocab = model.get_output_embeddings().weight.shape[0]
     temperature, top_k, top_p = (t.to(device) for t in _row_params(specs, vocab))
     input_ids, attention_mask = (t.to(device) for t in left_pad(prompts, pad_token_id))
@@ -198,7 +210,11 @@ def generate_batch(
             logits_to_keep=1,
         )
         log_probs = sampling_log_probs(out.logits[:, -1, :], temperature, top_k, top_p)
-        tokens = torch.multinomial(log_probs.exp(), 1, generator=generator).squeeze(-1)
+        if row_keys is None:
+            tokens = torch.multinomial(log_probs.exp(), 1, generator=generator).squeeze(-1)
+        else:
+            u = rng.uniforms(row_keys, torch.full_like(row_keys, step), rng.STREAM_PROPOSAL)
+            tokens = sample_from_log_probs(log_probs, u)
         token_log_probs = log_probs.gather(-1, tokens[:, None]).squeeze(-1)
         for row, (token, lp) in enumerate(zip(tokens.tolist(), token_log_probs.tolist(), strict=True)):
             if done[row]:

@@ -18,14 +18,21 @@ Select it with `actor_rollout_ref.rollout.name=hf`. Three pieces, registered wit
 Options (`+actor_rollout_ref.rollout.engine_kwargs.hf.<key>=...`): `num_threads` (torch threads
 of the server; default all cores, as rollout and training alternate), `batch_idle_ms` (20),
 `max_batch_wait_ms` (500).
+
+Reproducibility: with verl's `actor_rollout_ref.rollout.full_determinism=true` every request
+samples from its own counter-based random stream (`verl_ext.decoding.rng`), keyed by verl's
+deterministic request id, so a rerun with the same seed draws the same tokens for the same
+rows even though requests arrive, and are batched, in a different order.
 """
 
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import logging
 import os
 import time
+from collections import Counter
 from collections.abc import Generator
 from typing import Any
 
@@ -37,11 +44,17 @@ from verl.workers.rollout.base import BaseRollout
 from verl.workers.rollout.replica import RolloutMode, RolloutReplica, TokenOutput
 
 from verl_ext.cpu.hf_generate import SamplingSpec, generate_batch, sampling_spec_from
+from verl_ext.decoding import rng
 
 logger = logging.getLogger(__name__)
 
 BACKEND = "hf"
 DEFAULT_ENGINE_KWARGS = {"num_threads": None, "batch_idle_ms": 20.0, "max_batch_wait_ms": 500.0}
+
+
+def stable_stream_id(name: str) -> int:
+    """A 63-bit id from a string (blake2b): unlike hash(), the same in every process and run."""
+    return int.from_bytes(hashlib.blake2b(name.encode(), digest_size=8).digest(), "little") >> 1
 
 
 def server_actor_name(replica_rank: int, node_rank: int = 0, suffix: str = "") -> str:
@@ -92,12 +105,13 @@ def load_rollout_model(model_config: HFModelConfig, dtype: torch.dtype, load_for
 
 
 class _Request:
-    __slots__ = ("future", "prompt_ids", "spec", "want_log_probs")
+    __slots__ = ("future", "prompt_ids", "spec", "stream_id", "want_log_probs")
 
-    def __init__(self, prompt_ids: list[int], spec: SamplingSpec, want_log_probs: bool):
+    def __init__(self, prompt_ids: list[int], spec: SamplingSpec, want_log_probs: bool, stream_id: int | None = None):
         self.prompt_ids = prompt_ids
         self.spec = spec
         self.want_log_probs = want_log_probs
+        self.stream_id = stream_id
         self.future: asyncio.Future = asyncio.get_running_loop().create_future()
 
 
@@ -125,6 +139,7 @@ class HFRolloutServer:
         self.eos_token_ids = self._eos_token_ids()
         self.pad_token_id = self._pad_token_id()
         self.generator = torch.Generator().manual_seed(self.config.seed + replica_rank)
+        self._request_counts: Counter[str] = Counter()  # full_determinism: how often each request id came
         self.global_steps: int | None = None
 
         self._queue: list[_Request] = []
@@ -203,10 +218,20 @@ class HFRolloutServer:
             eos_token_ids=[] if self.config.ignore_eos else self.eos_token_ids,
             max_possible_tokens=self._max_possible_tokens(len(prompt_ids)),
         )
-        request = _Request(prompt_ids, spec, want_log_probs)
+        request = _Request(prompt_ids, spec, want_log_probs, self._stream_id(request_id))
         self._queue.append(request)
         self._queue_changed.set()
         return await request.future
+
+    def _stream_id(self, request_id: str) -> int | None:
+        """With `rollout.full_determinism`, the request's own random stream: verl then names requests
+        by their row in the generation batch ("det-<row>"), so (request id, how many times it came
+        before) is the same in every rerun, whatever order the requests arrive and batch in."""
+        if not self.config.full_determinism:
+            return None
+        occurrence = self._request_counts[request_id]
+        self._request_counts[request_id] += 1
+        return stable_stream_id(f"{request_id}#{occurrence}")
 
     def _extra(self) -> dict:
         return {"global_steps": self.global_steps}
@@ -244,6 +269,11 @@ class HFRolloutServer:
                 if not request.future.done():
                     request.future.set_result(output)
 
+    def _row_keys(self, batch: list[_Request]) -> torch.Tensor | None:
+        if any(r.stream_id is None for r in batch):
+            return None
+        return rng.sequence_keys(self.config.seed + self.replica_rank, torch.tensor([r.stream_id for r in batch]))
+
     def _run_batch(self, batch: list[_Request]) -> list[TokenOutput]:
         generations = generate_batch(
             self.model,
@@ -252,6 +282,7 @@ class HFRolloutServer:
             pad_token_id=self.pad_token_id,
             generator=self.generator,
             should_abort=lambda: self._abort,
+            row_keys=self._row_keys(batch),
         )
         self.stats["batches"] += 1
         self.stats["sequences"] += len(batch)

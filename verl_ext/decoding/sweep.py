@@ -10,7 +10,9 @@ atomically to `<output_dir>/runs/<run>/shard-XXXXX.parquet`; shards already on d
 so a killed sweep resumes where it stopped. Then every run is aggregated (Avg@n and unbiased
 Pass@k from `verl_ext.evaluation`, replace ratio = per-response fraction of fired steps averaged
 over responses) into results.parquet / results.json and the accuracy-vs-replace-ratio plot
-(one line per criterion; π_B and π_RL as reference lines).
+(one line per criterion; π_B and π_RL as reference lines). With `wandb.enable` (auto: WANDB_MODE
+or WANDB_API_KEY set) the table, the plot, a wandb line chart of the same curves and the per-run
+numbers also go to wandb, in the training's project and group (`verl_ext.wandb_logging`).
 
 Thresholds are given per criterion, or calibrated to target replace ratios
 (`sweep.target_ratios`): τ starts at the score quantile observed under base sampling and is
@@ -35,6 +37,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from verl_ext.atomic_io import atomic_write_bytes
 from verl_ext.decoding.criteria import ABOVE, BELOW, get_criterion
+from verl_ext.wandb_logging import start_run, wandb_enabled
 
 BASELINES = (("none", 0.0), ("all", 0.0))  # π_B alone (ratio 0) and π_RL / π_Extra alone (ratio 1)
 
@@ -351,27 +354,43 @@ def summarize(rows, pass_ks: list[int]) -> list[dict]:
     return out
 
 
+def curves(summary: list[dict]) -> tuple[list[tuple[str, list[float], list[float]]], list[tuple[str, float, str]]]:
+    """What the accuracy-vs-replace-ratio plots show, seeds averaged, accuracy in %: one
+    (label, replace ratios, accuracies) line per criterion (× γ), and one (label, accuracy, colour)
+    reference level per baseline (π_B = `none`; `all` = π_RL, or π_Extra per γ > 0)."""
+    import pandas as pd
+
+    df = pd.DataFrame(summary)
+    df = df.groupby(["criterion", "threshold", "gamma"], as_index=False)[["accuracy", "replace_ratio"]].mean()
+    several_gammas = df["gamma"].nunique() > 1
+    lines = []
+    for (name, gamma), g in df[~df["criterion"].isin(["none", "all"])].groupby(["criterion", "gamma"]):
+        g = g.sort_values("replace_ratio")
+        label = f"{name} (γ={gamma:g})" if several_gammas else name
+        lines.append((label, g["replace_ratio"].tolist(), (100 * g["accuracy"]).tolist()))
+    refs = []
+    base = df[df["criterion"] == "none"]
+    if len(base):  # π_B alone does not depend on γ (nothing is ever resampled): one level
+        refs.append(("π_B (base)", float(100 * base["accuracy"].mean()), "gray"))
+    for gamma, g in df[df["criterion"] == "all"].groupby("gamma"):
+        label = "π_RL" if gamma == 0 else f"π_Extra (γ={gamma:g})"  # π_Extra with γ = 0 is π_RL
+        refs.append((label, float(100 * g["accuracy"].mean()), "black"))
+    return lines, refs
+
+
 def plot_curves(summary: list[dict], path: Path, title: str) -> None:
     """Accuracy vs replace ratio, one line per criterion (× γ), seeds averaged; π_B / π_RL dashed."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    import pandas as pd
 
-    df = pd.DataFrame(summary)
-    df = df.groupby(["criterion", "threshold", "gamma"], as_index=False)[["accuracy", "replace_ratio"]].mean()
-    several_gammas = df["gamma"].nunique() > 1
+    lines, refs = curves(summary)
     fig, ax = plt.subplots(figsize=(6, 4.2))
-    for (name, gamma), g in df[~df["criterion"].isin(["none", "all"])].groupby(["criterion", "gamma"]):
-        g = g.sort_values("replace_ratio")
-        label = f"{name} (γ={gamma:g})" if several_gammas else name
-        ax.plot(g["replace_ratio"], 100 * g["accuracy"], marker="o", label=label)
-    refs = {"none": ("π_B (base)", "gray"), "all": ("π_RL" if not several_gammas else "π_Extra", "black")}
-    for name, (label, color) in refs.items():
-        for gamma, g in df[df["criterion"] == name].groupby("gamma"):
-            lab = f"{label} (γ={gamma:g})" if several_gammas and name == "all" else label
-            ax.axhline(100 * g["accuracy"].mean(), ls="--", color=color, lw=1, label=lab)
+    for label, xs, ys in lines:
+        ax.plot(xs, ys, marker="o", label=label)
+    for label, level, color in refs:
+        ax.axhline(level, ls="--", color=color, lw=1, label=label)
     ax.set_xlabel("replace ratio")
     ax.set_ylabel("accuracy (Avg@n, %)")
     ax.set_title(title)
@@ -384,6 +403,58 @@ def plot_curves(summary: list[dict], path: Path, title: str) -> None:
     atomic_write_bytes(path, buf.getvalue())
 
 
+# ----------------------------------------------------------------------------- wandb
+
+
+def sweep_kind(cfg: DictConfig) -> str:
+    """`token_replacement` or `extrapolation`, after the action (the two scripts' names)."""
+    return "extrapolation" if cfg.decoding.action == "extrapolate" else "token_replacement"
+
+
+def summary_numbers(summary: list[dict]) -> dict[str, float]:
+    """`sweep/<run>/<metric>` for the accuracy, replace ratio, Pass@k and length of every run."""
+    metrics = ("accuracy", "replace_ratio", "mean_response_length")
+    out = {}
+    for row in summary:
+        for key, value in row.items():
+            if key in metrics or key.startswith("pass@"):
+                out[f"sweep/{row['run']}/{key}"] = float(value)
+    return out
+
+
+def log_to_wandb(cfg: DictConfig, summary: list[dict], plot: Path) -> bool:
+    """The results table, the curve plot (PNG and wandb's own line chart) and the per-run numbers
+    to the training's wandb project, when `wandb.enable` says so; True if logged."""
+    out = Path(cfg.output_dir).resolve()
+    run = start_run(
+        cfg.wandb,
+        default_name=f"{sweep_kind(cfg)}-{out.name}",
+        config=OmegaConf.to_container(cfg, resolve=True),
+        out_dir=out,
+        job_type="decoding",
+    )
+    if run is None:
+        return False
+    import pandas as pd
+    import wandb
+
+    lines, refs = curves(summary)
+    # a reference level is drawn across the whole replace-ratio axis, as the dashed lines of the PNG
+    series = lines + [(label, [0.0, 1.0], [level, level]) for label, level, _ in refs]
+    logs = {
+        "sweep/results": wandb.Table(dataframe=pd.DataFrame(summary)),
+        "sweep/accuracy_vs_replace_ratio": wandb.Image(str(plot)),
+        "sweep/accuracy_vs_replace_ratio_lines": wandb.plot.line_series(
+            xs=[xs for _, xs, _ in series], ys=[ys for _, _, ys in series], keys=[label for label, _, _ in series],
+            title=f"{cfg.plot_title}: accuracy (Avg@n, %)", xname="replace ratio",
+        ),
+        **summary_numbers(summary),
+    }
+    run.log(logs)
+    run.finish()
+    return True
+
+
 # ----------------------------------------------------------------------------- entry point
 
 
@@ -393,6 +464,7 @@ def validate(cfg: DictConfig) -> None:
         raise SweepError(f"decoding.action={d.action!r}; valid: replace, extrapolate")
     if cfg.n_samples < 1:
         raise SweepError("n_samples must be >= 1")
+    wandb_enabled(cfg.wandb.enable)  # a bad value raises here, before any model is loaded
     thresholds = threshold_table(cfg)
     if not thresholds and not cfg.sweep.target_ratios:
         raise SweepError("nothing to sweep: set sweep.thresholds or sweep.target_ratios")
@@ -435,6 +507,7 @@ def run(cfg: DictConfig) -> list[dict]:
     write_parquet(out_dir / "results.parquet", summary)
     atomic_write_bytes(out_dir / "results.json", json.dumps(summary, indent=1).encode())
     plot_curves(summary, out_dir / "accuracy_vs_replace_ratio.png", cfg.plot_title)
+    log_to_wandb(cfg, summary, out_dir / "accuracy_vs_replace_ratio.png")
     for row in summary:
         print(f"[sweep] {row['run']}: accuracy={row['accuracy']:.4f} replace_ratio={row['replace_ratio']:.4f}")
     print(f"[sweep] wrote {out_dir}/results.parquet, results.json, accuracy_vs_replace_ratio.png", flush=True)

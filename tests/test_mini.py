@@ -1,0 +1,177 @@
+"""The paper in miniature (verl_ext/mini): verdict rules, config checks, and the CI smoke run."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+from pathlib import Path
+
+import pytest
+from omegaconf import OmegaConf
+
+from verl_ext.mini import claims
+from verl_ext.mini.pipeline import STAGES, PipelineError, Stages, compose, resolve_config
+from verl_ext.mini.report import read_metrics
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+# ----------------------------------------------------------------------------- verdict rules
+
+
+def test_difference_verdict_uses_two_standard_errors():
+    # p = 0.5 vs 0.4 over 400 each: SE = sqrt(.25/400 + .24/400) = 0.035; Δ = 0.1 > 2 SE
+    status, diff, se = claims.difference_verdict(0.5, 400, 0.4, 400)
+    assert status == claims.REPRODUCED
+    assert diff == pytest.approx(0.1) and se == pytest.approx(math.sqrt(0.25 / 400 + 0.24 / 400))
+    assert claims.difference_verdict(0.4, 400, 0.5, 400)[0] == claims.CONTRADICTED
+    assert claims.difference_verdict(0.5, 40, 0.4, 40)[0] == claims.INCONCLUSIVE  # SE 0.11
+    with pytest.raises(ValueError, match="n_new=0"):
+        claims.difference_verdict(0.5, 0, 0.4, 10)
+
+
+def _row(criterion, ratio, acc, n=50, k=8):
+    return {
+        "criterion": criterion,
+        "replace_ratio": ratio,
+        "accuracy": acc,
+        "num_problems": n,
+        "samples_per_problem": k,
+    }
+
+
+def test_identification_claim_matches_ratios_by_rank():
+    rows = [
+        _row("delta_logp", 0.05, 0.60),
+        _row("delta_logp", 0.2, 0.70),
+        _row("random", 0.06, 0.40),
+        _row("random", 0.21, 0.45),
+        _row("avg_kl", 0.04, 0.50),
+        _row("avg_kl", 0.19, 0.72),
+        _row("none", 0.0, 0.3),
+        _row("all", 1.0, 0.8),
+    ]
+    v = claims.identification_claim(rows)
+    # first at ratio 0.05; at 0.2 avg_kl wins by 2 points (within noise) -> 1/2 wins: not a majority
+    assert v.status == claims.INCONCLUSIVE and "first at 1/2" in v.evidence
+    rows[5] = _row("avg_kl", 0.19, 0.65)
+    assert claims.identification_claim(rows).status == claims.REPRODUCED
+    worse = [_row("delta_logp", 0.1, 0.3), _row("random", 0.1, 0.6)]
+    assert claims.identification_claim(worse).status == claims.CONTRADICTED
+    assert claims.identification_claim([_row("random", 0.1, 0.6)]).status == claims.INCONCLUSIVE
+
+
+def test_low_probability_claim_pools_bins_by_count():
+    bins = [
+        {"bin_left": -0.1, "bin_right": 0.0, "count": 100, "mean_p_base": 0.9},
+        {"bin_left": 0.0, "bin_right": 0.1, "count": 300, "mean_p_base": 0.7},
+        {"bin_left": 0.5, "bin_right": 1.0, "count": 10, "mean_p_base": 0.2},
+        {"bin_left": 1.0, "bin_right": 2.0, "count": 30, "mean_p_base": 0.1},
+    ]
+    v = claims.low_probability_claim(bins)
+    assert v.status == claims.REPRODUCED
+    assert "0.125 (40 tokens)" in v.evidence and "0.750 (400 tokens)" in v.evidence  # (2+3)/40, (90+210)/400
+    bins[2]["mean_p_base"] = bins[3]["mean_p_base"] = 0.95
+    assert claims.low_probability_claim(bins).status == claims.CONTRADICTED
+    assert claims.low_probability_claim(bins[:2]).status == claims.INCONCLUSIVE
+
+
+# ----------------------------------------------------------------------------- config and bookkeeping
+
+
+def _cfg(*overrides):
+    return resolve_config(compose("reproduce_mini", list(overrides)))
+
+
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("schemes=[none,lowprobb]", "unknown weighting 'lowprobb'; valid choices: none, lowprob, ppl, dominate"),
+        ("schemes=[]", "schemes is empty"),
+        ("redo=[trian]", "unknown stage 'trian'; valid stages: base, data, train"),
+        ("analysis.rl_scheme=ppl", "analysis.rl_scheme='ppl' is not trained"),
+    ],
+)
+def test_bad_settings_are_named(override, message):
+    with pytest.raises(PipelineError, match=message.replace("[", r"\[")):
+        _cfg(override)
+
+
+def test_smoke_shrinks_every_stage():
+    full, smoke = _cfg(), _cfg("smoke=true")
+    assert smoke.train.steps < full.train.steps and smoke.task.eval_problems < full.task.eval_problems
+    assert smoke.schemes == full.schemes == ["none", "lowprob"]
+
+
+def test_redo_recomputes_the_stage_and_everything_after(tmp_path):
+    stages = Stages(tmp_path, [])
+    for s in STAGES:
+        stages.finish(s, {"x": 1})
+    assert all(stages.done(s) for s in STAGES)
+    redo = Stages(tmp_path, ["analysis", "report"])
+    assert [s for s in STAGES if not redo.done(s)] == ["analysis", "replacement", "extrapolation", "report"]
+
+
+def test_read_metrics_reads_verl_file_logger(tmp_path):
+    path = tmp_path / "m.jsonl"
+    path.write_text(
+        json.dumps({"step": 1, "data": {"a": 0.5, "flag": True, "text": "x"}})
+        + "\n"
+        + json.dumps({"step": 2, "data": {"a": 0.25, "b": 3}})
+        + "\n"
+    )
+    assert read_metrics(path) == {"a": [(1, 0.5), (2, 0.25)], "b": [(2, 3.0)]}
+
+
+# ----------------------------------------------------------------------------- the smoke run
+
+
+def test_smoke_pipeline_runs_every_stage_and_reports(tmp_path):
+    """scripts/reproduce_mini.sh smoke=true: all stages, real verl DAPO (none, lowprob) through
+    run_baselines.sh, and a report with every figure and a verdict per claim."""
+    out = tmp_path / "mini"
+    env = {**os.environ, "TINY_ASSETS_DIR": str(REPO / ".assets" / "tiny")}
+    env.pop("RAY_ADDRESS", None)
+    proc = subprocess.run(
+        ["bash", str(REPO / "scripts" / "reproduce_mini.sh"), "smoke=true", f"output_dir={out}", "show_progress=false"],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=1500,
+        check=False,
+    )
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
+    report = (out / "report.md").read_text()
+    for figure in (
+        "training_curves.png",
+        "analysis_histograms.png",
+        "prob_by_delta_bin.png",
+        "replacement_curves.png",
+        "extrapolation_curves.png",
+    ):
+        assert f"figures/{figure}" in report and (out / "figures" / figure).stat().st_size > 1000
+    verdicts = json.loads((out / "verdicts.json").read_text())
+    assert len(verdicts) == 5  # RL > base, lowprob > DAPO, low-prob tokens, identification, extrapolation
+    assert all(v["status"] in (claims.REPRODUCED, claims.CONTRADICTED, claims.INCONCLUSIVE) for v in verdicts)
+    weights = {}
+    for scheme in ("none", "lowprob"):
+        metrics = read_metrics(out / "train" / scheme / "metrics.jsonl")
+        assert [s for s, _ in metrics["actor/grad_norm"]] == [1, 2]
+        weights[scheme] = [w for _, w in metrics["actor/reweight/weight_mean"]]
+    assert weights["none"] == [1.0, 1.0] and all(1.0 < w <= 1.2 for w in weights["lowprob"])  # Eq. 8, α=0.2
+    assert OmegaConf.load(out / "config.yaml").smoke is True
+    # a rerun keeps every finished stage
+    again = subprocess.run(
+        ["bash", str(REPO / "scripts" / "reproduce_mini.sh"), "smoke=true", f"output_dir={out}", "show_progress=false"],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+        check=False,
+    )
+    assert again.returncode == 0, again.stdout[-3000:]
+    assert again.stdout.count("done earlier, kept") == len(STAGES)

@@ -1,0 +1,401 @@
+"""`scripts/reproduce_mini.sh`: the whole paper on the tiny assets, stage by stage.
+
+Stages (each writes under `output_dir/<stage>/` and a `DONE.json` when it finished, so a rerun
+skips it; `redo=[stage]` recomputes that stage and every later one):
+
+1. base         SFT a fresh tiny Qwen2 until it is partly correct (`base_model.py`).
+2. data         the task in verl's RL parquet format: train = all problems, eval = a fixed subset.
+3. train        verl DAPO on the CPU backend, one `scripts/run_baselines.sh` call per scheme,
+                verl's file logger for the curves, the final actor exported as a HF model.
+4. evaluate     Avg@k / Pass@k of the base and every RL model (`verl_ext.evaluation`).
+5. analysis     Δlog p / entropy / KL of base vs RL on both models' samples (`verl_ext.analysis`).
+6. replacement  selective token replacement, criteria calibrated to replace ratios (Alg. 1).
+7. extrapolation selective extrapolation at the Δlog p gate over γ (Eq. 7).
+8. report       `report.md` with figures, tables and a verdict per claim (`report.py`).
+
+Every stage is seeded; the training rollouts use verl's `rollout.full_determinism` (per-request
+random streams in the `hf` rollout), so a rerun with the same seed reproduces the numbers.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import hydra
+from omegaconf import DictConfig, OmegaConf
+
+from verl_ext.atomic_io import atomic_write_bytes
+
+REPO = Path(__file__).resolve().parents[2]
+CONFIGS = REPO / "configs"
+STAGES = ("base", "data", "train", "evaluate", "analysis", "replacement", "extrapolation", "report")
+SCHEMES = ("none", "lowprob", "ppl", "dominate")
+
+# `smoke=true`: the same pipeline, small enough for CI (a few minutes on 2 cores).
+SMOKE_OVERRIDES = {
+    "task.eval_problems": 16,
+    "base.target_accuracy": [0.05, 0.6],
+    "base.chunk_steps": 100,
+    "base.max_steps": 400,
+    "base.eval_samples": 2,
+    "train.steps": 2,
+    "train.prompts_per_step": 4,
+    "train.samples_per_prompt": 4,
+    "train.val_samples": 2,
+    "train.test_freq": 2,
+    "evaluate.samples": 4,
+    "evaluate.pass_ks": [1, 4],
+    "analysis.samples": 2,
+    "replacement.samples": 2,
+    "replacement.target_ratios": [0.1, 0.3],
+    "extrapolation.samples": 2,
+    "extrapolation.gammas": [0.0, 0.5],
+}
+
+
+class PipelineError(RuntimeError):
+    pass
+
+
+# ----------------------------------------------------------------------------- config
+
+
+def resolve_config(cfg: DictConfig) -> DictConfig:
+    """Apply `smoke`, check stage and scheme names (errors name the value and the choices)."""
+    cfg = OmegaConf.create(OmegaConf.to_container(cfg, resolve=True))
+    if cfg.smoke:
+        for key, value in SMOKE_OVERRIDES.items():
+            OmegaConf.update(cfg, key, value, merge=False)
+    for stage in cfg.redo:
+        if stage not in STAGES:
+            raise PipelineError(f"redo: unknown stage {stage!r}; valid stages: {', '.join(STAGES)}")
+    if not cfg.schemes:
+        raise PipelineError(f"schemes is empty; choose from {', '.join(SCHEMES)}")
+    for scheme in cfg.schemes:
+        if scheme not in SCHEMES:
+            raise PipelineError(f"schemes: unknown weighting {scheme!r}; valid choices: {', '.join(SCHEMES)}")
+    for key in ("analysis", "replacement", "extrapolation"):
+        if cfg[key].rl_scheme not in cfg.schemes:
+            raise PipelineError(
+                f"{key}.rl_scheme={cfg[key].rl_scheme!r} is not trained; trained schemes: {list(cfg.schemes)}"
+            )
+    return cfg
+
+
+def compose(config_name: str, overrides: list[str]) -> DictConfig:
+    """Another command's config (configs/<name>.yaml) with overrides, as its CLI would build it."""
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=str(CONFIGS), version_base=None):
+        return hydra_compose(config_name=config_name, overrides=overrides)
+
+
+def listing(values) -> str:
+    """A hydra list literal: [a,b,c]."""
+    return "[" + ",".join(str(v) for v in values) + "]"
+
+
+# ----------------------------------------------------------------------------- stage bookkeeping
+
+
+class Stages:
+    """DONE markers: a stage is skipped when its marker exists, unless it (or an earlier stage) is redone."""
+
+    def __init__(self, out: Path, redo: list[str]):
+        self.out = out
+        first_redo = min((STAGES.index(s) for s in redo), default=len(STAGES))
+        self.redo = set(STAGES[first_redo:])
+
+    def marker(self, stage: str) -> Path:
+        return self.out / stage / "DONE.json"
+
+    def done(self, stage: str) -> bool:
+        return stage not in self.redo and self.marker(stage).exists()
+
+    def finish(self, stage: str, info: dict) -> None:
+        atomic_write_bytes(self.marker(stage), json.dumps(info, indent=1, default=str).encode())
+
+    def info(self, stage: str) -> dict:
+        return json.loads(self.marker(stage).read_text())
+
+
+def run_stage(stages: Stages, stage: str, fn, *args) -> dict:
+    if stages.done(stage):
+        print(f"[mini] {stage}: done earlier, kept ({stages.marker(stage)})", flush=True)
+        return stages.info(stage)
+    print(f"[mini] {stage}: running", flush=True)
+    start = time.monotonic()
+    info = fn(*args) or {}
+    info["seconds"] = round(time.monotonic() - start, 1)
+    stages.finish(stage, info)
+    print(f"[mini] {stage}: finished in {info['seconds']:.0f} s", flush=True)
+    return info
+
+
+# ----------------------------------------------------------------------------- stages
+
+
+def stage_base(cfg: DictConfig, out: Path) -> dict:
+    from verl_ext.mini.base_model import train_base_model
+    from verl_ext.tiny_assets import arithmetic_problems
+
+    problems = arithmetic_problems(seed=cfg.seed + 1)
+    trace = train_base_model(
+        out / "base" / "model",
+        problems,
+        task_split(cfg)[1],
+        band=tuple(cfg.base.target_accuracy),
+        chunk_steps=cfg.base.chunk_steps,
+        max_steps=cfg.base.max_steps,
+        eval_samples=cfg.base.eval_samples,
+        max_new_tokens=cfg.task.max_new_tokens,
+        seed=cfg.seed,
+    )
+    return {"model": str(out / "base" / "model"), "sft_steps": trace.stopped_at, "accuracy": trace.accuracy[-1]}
+
+
+def task_split(cfg: DictConfig) -> tuple[list, list]:
+    """(all problems, evaluation subset): the subset is the first `eval_problems` after a seeded shuffle."""
+    from verl_ext.tiny_assets import arithmetic_problems
+
+    problems = arithmetic_problems(seed=cfg.seed)
+    if not 1 <= cfg.task.eval_problems <= len(problems):
+        raise PipelineError(f"task.eval_problems={cfg.task.eval_problems} must be in [1, {len(problems)}]")
+    return problems, problems[: cfg.task.eval_problems]
+
+
+def stage_data(cfg: DictConfig, out: Path) -> dict:
+    import pandas as pd
+
+    from verl_ext.tiny_assets import dataset_rows
+
+    train, evaluation = task_split(cfg)
+    (out / "data").mkdir(parents=True, exist_ok=True)
+    pd.DataFrame(dataset_rows("train", train)).to_parquet(out / "data" / "train.parquet", index=False)
+    pd.DataFrame(dataset_rows("eval", evaluation)).to_parquet(out / "data" / "eval.parquet", index=False)
+    return {"train_problems": len(train), "eval_problems": len(evaluation)}
+
+
+def training_overrides(cfg: DictConfig, out: Path, scheme: str) -> list[str]:
+    t = cfg.train
+    run_dir = out / "train" / scheme
+    overrides = [
+        f"actor_rollout_ref.model.path={out / 'base' / 'model'}",
+        f"data.train_files={out / 'data' / 'train.parquet'}",
+        f"data.val_files={out / 'data' / 'eval.parquet'}",
+        f"data.val_batch_size={cfg.task.eval_problems}",
+        f"data.max_response_length={cfg.task.max_new_tokens}",
+        f"data.train_batch_size={t.prompts_per_step}",
+        f"data.gen_batch_size={t.prompts_per_step}",
+        f"data.seed={cfg.seed}",
+        f"actor_rollout_ref.actor.ppo_mini_batch_size={t.prompts_per_step}",
+        f"actor_rollout_ref.actor.optim.lr={t.lr}",
+        f"actor_rollout_ref.rollout.n={t.samples_per_prompt}",
+        f"actor_rollout_ref.rollout.val_kwargs.n={t.val_samples}",
+        f"actor_rollout_ref.rollout.seed={cfg.seed}",
+        "actor_rollout_ref.rollout.full_determinism=true",
+        "actor_rollout_ref.actor.checkpoint.save_contents=[model,hf_model]",
+        f"trainer.total_training_steps={t.steps}",
+        "trainer.total_epochs=100000",
+        f"trainer.test_freq={t.test_freq}",
+        "trainer.val_before_train=true",
+        f"trainer.save_freq={t.steps}",
+        "trainer.resume_mode=disable",
+        f"trainer.default_local_dir={run_dir / 'checkpoints'}",
+        f"trainer.experiment_name=mini-{scheme}",
+        "trainer.logger=[console,file]" if not wandb_requested() else "trainer.logger=[console,file,wandb]",
+    ]
+    return overrides + list(t.overrides)
+
+
+def wandb_requested() -> bool:
+    return bool(os.environ.get("WANDB_API_KEY") or os.environ.get("WANDB_MODE"))
+
+
+def train_one(cfg: DictConfig, out: Path, scheme: str) -> dict:
+    """One DAPO run through `scripts/run_baselines.sh` (so each baseline gets the paper's settings)."""
+    run_dir = out / "train" / scheme
+    if run_dir.exists():
+        shutil.rmtree(run_dir)  # a crashed earlier attempt: start clean (resume_mode=disable)
+    run_dir.mkdir(parents=True)
+    env = {
+        **os.environ,
+        "SCHEMES": scheme,
+        "PRESET": "tiny-cpu",
+        "LOG_DIR": str(run_dir),
+        "VERL_FILE_LOGGER_PATH": str(run_dir / "metrics.jsonl"),
+        "WANDB_RUN_GROUP": os.environ.get("WANDB_RUN_GROUP", f"reproduce-mini-seed{cfg.seed}"),
+    }
+    cmd = ["bash", str(REPO / "scripts" / "run_baselines.sh"), *training_overrides(cfg, out, scheme)]
+    print(f"[mini] train {scheme}: {' '.join(cmd[:2])} ... (log: {run_dir / 'train.log'})", flush=True)
+    proc = subprocess.run(cmd, env=env, stdout=subprocess.DEVNULL if not cfg.show_progress else None, check=False)
+    if proc.returncode != 0:
+        raise PipelineError(f"training {scheme} failed (exit {proc.returncode}); see {run_dir / 'train.log'}")
+    hf_dir = run_dir / "checkpoints" / f"global_step_{cfg.train.steps}" / "actor" / "huggingface"
+    if not (hf_dir / "config.json").exists() or not any(hf_dir.glob("*.safetensors")):
+        raise PipelineError(f"training {scheme} finished but wrote no HF model at {hf_dir}")
+    model_dir = out / "models" / scheme
+    if model_dir.exists():
+        shutil.rmtree(model_dir)
+    shutil.copytree(hf_dir, model_dir)
+    return {"model": str(model_dir), "metrics": str(run_dir / "metrics.jsonl")}
+
+
+def stage_train(cfg: DictConfig, out: Path) -> dict:
+    return {scheme: train_one(cfg, out, scheme) for scheme in cfg.schemes}
+
+
+def model_paths(cfg: DictConfig, out: Path) -> dict[str, str]:
+    """name -> HF model dir: `base` and one per trained scheme (`RL (none)` is plain DAPO)."""
+    return {"base": str(out / "base" / "model"), **{f"rl-{s}": str(out / "models" / s) for s in cfg.schemes}}
+
+
+def stage_evaluate(cfg: DictConfig, out: Path) -> dict:
+    from verl_ext.evaluation.command import run as evaluate
+    from verl_ext.tiny_assets import DATA_SOURCE
+
+    e = cfg.evaluate
+    tables = {}
+    for name, path in model_paths(cfg, out).items():
+        ecfg = compose(
+            "evaluate",
+            [
+                f"model.path={path}",
+                f"data.files=[{out / 'data' / 'eval.parquet'}]",
+                f"sampling.n={e.samples}",
+                f"sampling.top_p={e.top_p}",
+                f"sampling.max_new_tokens={cfg.task.max_new_tokens}",
+                f"sampling.seed={cfg.seed}",
+                "sampling.batch_size=256",
+                "model.backend=hf",
+                "model.device=cpu",
+                f"metrics.pass_ks={listing(e.pass_ks)}",
+                f"output_dir={out / 'evaluate' / name}",
+                f"show_progress={cfg.show_progress}",
+                "grader.num_workers=1",
+            ],
+        )
+        tables[name] = evaluate(ecfg)["table"][DATA_SOURCE]
+    atomic_write_bytes(out / "evaluate" / "table.json", json.dumps(tables, indent=1).encode())
+    return {"table": str(out / "evaluate" / "table.json")}
+
+
+def stage_analysis(cfg: DictConfig, out: Path) -> dict:
+    from verl_ext.analysis.logp_diff import run as analyze
+
+    acfg = compose(
+        "analyze_logp_diff",
+        [
+            f"base_model={out / 'base' / 'model'}",
+            f"rl_model={out / 'models' / cfg.analysis.rl_scheme}",
+            f"input.prompts={out / 'data' / 'eval.parquet'}",
+            "input.max_prompts=null",
+            f"sampling.n={cfg.analysis.samples}",
+            f"sampling.max_new_tokens={cfg.task.max_new_tokens}",
+            f"sampling.seed={cfg.seed}",
+            "sampling.top_p=1.0",
+            "device=cpu",
+            "overwrite=true",
+            "workers.use_ray=false",
+            f"output_dir={out / 'analysis'}",
+            f"show_progress={cfg.show_progress}",
+        ],
+    )
+    files = analyze(acfg)
+    return {name: str(path) for name, path in files.items()}
+
+
+def sweep_overrides(cfg: DictConfig, out: Path, section: DictConfig, subdir: str) -> list[str]:
+    return [
+        f"models.base={out / 'base' / 'model'}",
+        f"models.rl={out / 'models' / section.rl_scheme}",
+        f"data.files=[{out / 'data' / 'eval.parquet'}]",
+        f"n_samples={section.samples}",
+        f"seeds=[{cfg.seed}]",
+        f"pass_ks=[1,{section.samples}]",
+        f"decoding.max_new_tokens={cfg.task.max_new_tokens}",
+        "models.device=cpu",
+        "ray.enabled=false",
+        f"output_dir={out / subdir}",
+        f"show_progress={cfg.show_progress}",
+        "sweep.calibration.max_new_tokens=" + str(cfg.task.max_new_tokens),
+    ]
+
+
+def stage_replacement(cfg: DictConfig, out: Path) -> dict:
+    from verl_ext.decoding.sweep import run as sweep
+
+    r = cfg.replacement
+    scfg = compose(
+        "token_replacement",
+        sweep_overrides(cfg, out, r, "replacement")
+        + [
+            f"sweep.target_ratios={listing(r.target_ratios)}",
+            f"sweep.calibrate_criteria={listing(r.criteria)}",
+            f"sweep.criteria={listing(r.criteria)}",
+            "sweep.thresholds={}",
+        ],
+    )
+    sweep(scfg)
+    return {"results": str(out / "replacement" / "results.json")}
+
+
+def stage_extrapolation(cfg: DictConfig, out: Path) -> dict:
+    from verl_ext.decoding.sweep import run as sweep
+
+    x = cfg.extrapolation
+    scfg = compose(
+        "extrapolation",
+        sweep_overrides(cfg, out, x, "extrapolation")
+        + [
+            "decoding.action=extrapolate",
+            f"sweep.gammas={listing(x.gammas)}",
+            "sweep.thresholds={delta_logp:" + listing(x.delta_logp_thresholds) + "}",
+            "sweep.criteria=[delta_logp]",
+            "sweep.target_ratios=[]",
+        ],
+    )
+    sweep(scfg)
+    return {"results": str(out / "extrapolation" / "results.json")}
+
+
+def stage_report(cfg: DictConfig, out: Path) -> dict:
+    from verl_ext.mini.report import write_report
+
+    path = write_report(cfg, out)
+    return {"report": str(path)}
+
+
+def run(cfg: DictConfig) -> Path:
+    cfg = resolve_config(cfg)
+    out = Path(cfg.output_dir).resolve()
+    out.mkdir(parents=True, exist_ok=True)
+    atomic_write_bytes(out / "config.yaml", OmegaConf.to_yaml(cfg).encode())
+    stages = Stages(out, list(cfg.redo))
+    start = time.monotonic()
+    for stage in STAGES:
+        run_stage(stages, stage, globals()[f"stage_{stage}"], cfg, out)
+    report = out / "report.md"
+    print(f"[mini] all stages done in {time.monotonic() - start:.0f} s; report: {report}", flush=True)
+    return report
+
+
+@hydra.main(version_base=None, config_path=str(CONFIGS), config_name="reproduce_mini")
+def main(cfg: DictConfig) -> None:
+    try:
+        run(cfg)
+    except (PipelineError, ValueError, FileNotFoundError) as err:
+        raise SystemExit(f"[mini] error: {err}") from None
+
+
+if __name__ == "__main__":
+    sys.exit(main())
