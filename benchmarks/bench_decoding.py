@@ -4,32 +4,47 @@
     python benchmarks/bench_decoding.py --hidden 512 --layers 8 --vocab 32000 --batch 32 --device cuda
 
 Same models, batch, prompts and lengths for every row (EOS is an id the models cannot emit, so
-every sequence runs the full length). Criterion: Δlog p < τ with τ calibrated to about
-`--ratio` replace ratio on a pilot run. Rows, tokens/s (best of `--repeats`):
+every sequence runs the full length). Two criteria, each with τ calibrated on pilot runs to about
+`--ratio` replace ratio:
 
-  single       one model, batched, KV cache (TwoModelDecoder with rl=None)        -> the baseline
-  hf_generate  one model, transformers `generate` (for reference)
-  step         two models, step by step (draft_len=1), both KV caches
-  spec(k)      two models, exact speculative rounds of k drafts
-  official     the official approach's cost model: every token runs one full forward of each
-               model over the whole sequence (no KV-cache reuse), same sampler; timed over its
-               first `--official-tokens` tokens (its cheapest), so the speed-up is underestimated
+  Δlog p < τ       reads both models: the gate is known only after the RL model has scored the draft
+  H(π_B) > τ       reads the base model alone: decided while drafting (see `engine.py`)
 
-Printed ratios: step/single (target ≥ 0.45), spec/single (target ≥ 0.8 at ~10% replace ratio),
-and step/official, spec/official (speed-up over the official cost model).
+Rows, tokens/s (median over `--repeats` interleaved repeats):
+
+  single           one model, batched, KV cache (TwoModelDecoder with rl=None)       -> the baseline
+  hf_generate      one model, transformers `generate` (for reference)
+  <crit> step      two models, step by step (draft_len=1), both KV caches
+  <crit> spec(k)   exact speculative rounds of k drafts; spec(auto) picks k every round
+  official         the official approach's cost model: every token runs one full forward of each
+                   model over the whole sequence (no KV-cache reuse), same sampler; timed over its
+                   first `--official-tokens` tokens (its cheapest), so the speed-up is underestimated
+
+Per row: replace ratio, stop rate r (cuts by a resample that differs from the draft, per drafted
+position), share of sequences identical to the step loop's (float32: a k-token forward rounds
+differently, so near-ties may flip), and the ratio to `single` (median of the per-repeat ratios).
+
+Bound for the Δlog p rows: a round of k costs at least k draft steps plus one scoring pass, and
+yields E[min(G,k)] = (1−(1−r)^k)/r tokens per row, so spec/single ≤ max_k E[min(G,k)]/(k + c) with
+c = cost of a 1-token scoring pass in draft steps = single/step − 1 measured here (the step row
+pays one draft step and one scoring pass per token). It assumes a k-token scoring pass costs as
+much as a 1-token one (roughly true on a GPU; on a CPU it costs more, so the real ratio is lower).
+
+Targets: step/single ≥ 0.45, spec/single ≥ 0.8 at ~10% replace ratio.
 """
 
 from __future__ import annotations
 
 import argparse
 import copy
+import statistics
 import time
 
 import torch
 from transformers import Qwen2Config, Qwen2ForCausalLM
 
 from verl_ext.decoding import rng
-from verl_ext.decoding.engine import Request, TwoModelDecoder, replace_ratio
+from verl_ext.decoding.engine import Request, TwoModelDecoder, expected_tokens, replace_ratio
 from verl_ext.decoding.sampler import DecodingRule, two_stage_step
 from verl_ext.distributions import log_softmax
 
@@ -43,7 +58,7 @@ def make_models(a):
     )
     base = Qwen2ForCausalLM(cfg).eval()
     with torch.no_grad():
-        base.lm_head.weight.mul_(a.logit_scale)  # peakier than a fresh init, like a trained LM
+        base.lm_head.weight.mul_(a.logit_scale)  # peakier than a fresh init (see the printed entropy)
     rl = copy.deepcopy(base)
     g = torch.Generator().manual_seed(a.seed + 1)
     with torch.no_grad():
@@ -68,17 +83,44 @@ def official_cost_model(base, rl, rule, prompts, new_tokens, seed):
     return len(prompts) * new_tokens
 
 
-def timed(fn, repeats):
-    best, out = float("inf"), None
-    for _ in range(repeats):
-        if torch.cuda.is_available():
-            torch.cuda.synchronize()
-        t0 = time.perf_counter()
-        out = fn()
-        if torch.cuda.is_available():
-            torch.cuda.synchronize()
-        best = min(best, time.perf_counter() - t0)
-    return best, out
+def wall_time(fn) -> float:
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    fn()
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+    return time.perf_counter() - t0
+
+
+def calibrated_rule(criterion, ratio, base, rl, reqs, common, top_p):
+    """A rule of `criterion` firing at about `ratio` of the positions, and the pilot's scores.
+
+    τ is first the ratio-quantile of the score along base-sampled sequences (gate never fires:
+    Δlog p fires below τ, H(π_B) above); replacing tokens changes the sequences and so the scores,
+    so one more pilot with that τ measures the ratio m and the quantile is rescaled by ratio/m.
+    """
+    below = criterion == "delta_logp"
+    never = -float("inf") if below else float("inf")
+    pilot = TwoModelDecoder(base, rl, DecodingRule(criterion, never, top_p=top_p), **common)
+    scores = torch.tensor([s for r in pilot.generate(reqs) for s in r.scores])
+
+    def rule_at(fraction):
+        q = min(max(fraction, 0.0), 1.0)
+        return DecodingRule(criterion, float(torch.quantile(scores, q if below else 1 - q)), top_p=top_p)
+
+    measured = replace_ratio(TwoModelDecoder(base, rl, rule_at(ratio), **common).generate(reqs))
+    return rule_at(ratio * ratio / max(measured, 1e-6)), scores
+
+
+def stop_rate(d: TwoModelDecoder) -> float:
+    """Cuts by a resample that differs from the draft, per position that could cut (E[min(G,k)]'s r)."""
+    return d.stats.mismatches / d.stats.checked if d.stats.checked else float("nan")
+
+
+def bound(r: float, c: float, k_max: int = 16) -> tuple[float, int]:
+    """max_k E[min(G,k)]/(k + c) and its k (see the module docstring)."""
+    return max((expected_tokens(r, k) / (k + c), k) for k in range(1, k_max + 1))
 
 
 def main():
@@ -93,15 +135,16 @@ def main():
                    "than --batch exercises continuous batching")
     p.add_argument("--prompt-len", type=int, default=32)
     p.add_argument("--new-tokens", type=int, default=64)
-    p.add_argument("--draft-lens", type=int, nargs="+", default=[3, 4, 6])
-    p.add_argument("--ratio", type=float, default=0.10, help="target replace ratio for the Δlog p threshold")
+    p.add_argument("--draft-lens", type=int, nargs="+", default=[2, 4])
+    p.add_argument("--no-auto", action="store_true", help="skip the spec(auto) rows")
+    p.add_argument("--ratio", type=float, default=0.10, help="target replace ratio of both criteria")
     p.add_argument("--noise", type=float, default=0.1, help="RL = base + noise·std·ε")
     p.add_argument("--logit-scale", type=float, default=4.0)
     p.add_argument("--top-p", type=float, default=0.7)
     p.add_argument("--official-tokens", type=int, default=16,
                    help="tokens timed for the official cost model (its first tokens are its cheapest: "
                         "fewer than --new-tokens underestimates our speed-up)")
-    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--device", default="cpu")
     p.add_argument("--dtype", default="float32")
@@ -115,18 +158,18 @@ def main():
     n_req = a.requests or a.batch
     prompts = torch.randint(0, a.vocab, (n_req, a.prompt_len), generator=g).tolist()
     reqs = [Request(pr, stream_id=i) for i, pr in enumerate(prompts)]
-    common = {"eos_token_ids": eos, "pad_token_id": 0, "max_new_tokens": a.new_tokens, "max_batch_size": a.batch, "seed": a.seed}
+    common = {"eos_token_ids": eos, "pad_token_id": 0, "max_new_tokens": a.new_tokens, "max_batch_size": a.batch,
+              "seed": a.seed}
 
-    # τ for about `--ratio` replace ratio: the ratio-quantile of Δlog p(ŷ) under base sampling
-    pilot = TwoModelDecoder(base, rl, DecodingRule("delta_logp", -float("inf"), top_p=a.top_p), **common)
-    scores = torch.tensor([s for r in pilot.generate(reqs) for s in r.scores])
-    tau = float(torch.quantile(scores, a.ratio))
-    rule = DecodingRule("delta_logp", tau, top_p=a.top_p)
-
-    decoders = {"single": TwoModelDecoder(base, None, DecodingRule("none", 0.0, top_p=a.top_p), **common),
-                "step": TwoModelDecoder(base, rl, rule, draft_len=1, **common)}
-    for k in a.draft_lens:
-        decoders[f"spec(k={k})"] = TwoModelDecoder(base, rl, rule, draft_len=k, **common)
+    rules = {"dlogp": calibrated_rule("delta_logp", a.ratio, base, rl, reqs, common, a.top_p)[0]}
+    rules["H_base"], entropies = calibrated_rule("entropy_base", a.ratio, base, rl, reqs, common, a.top_p)
+    decoders = {"single": TwoModelDecoder(base, None, DecodingRule("none", 0.0, top_p=a.top_p), **common)}
+    for crit, rule in rules.items():
+        decoders[f"{crit} step"] = TwoModelDecoder(base, rl, rule, draft_len=1, **common)
+        for k in a.draft_lens:
+            decoders[f"{crit} spec({k})"] = TwoModelDecoder(base, rl, rule, draft_len=k, **common)
+        if not a.no_auto:
+            decoders[f"{crit} spec(auto)"] = TwoModelDecoder(base, rl, rule, draft_len="auto", **common)
     ids = torch.tensor(prompts[: a.batch], device=a.device)
     n_off = a.official_tokens or a.new_tokens
     fns = {name: (lambda d=d: d.generate(reqs)) for name, d in decoders.items()}
@@ -134,34 +177,51 @@ def main():
         input_ids=ids, attention_mask=torch.ones_like(ids), do_sample=True, top_p=a.top_p, top_k=0,
         max_new_tokens=a.new_tokens, pad_token_id=0, eos_token_id=None,
     )
-    fns["official"] = lambda: official_cost_model(base, rl, rule, prompts[: a.batch], n_off, a.seed)
+    fns["official"] = lambda: official_cost_model(base, rl, rules["dlogp"], prompts[: a.batch], n_off, a.seed)
     tokens = {name: n_req * a.new_tokens for name in fns}
     tokens["hf_generate"] = a.batch * a.new_tokens
     tokens["official"] = a.batch * n_off
-    results = {name: fn() for name, fn in fns.items()}  # warm-up (and the outputs to compare)
-    same = {}  # spec vs step: identical up to float ties (a k-token forward rounds differently in float32)
-    for name in decoders:
-        if name.startswith("spec"):
-            same[name] = sum(x.tokens == y.tokens for x, y in zip(results[name], results["step"])) / n_req
-    best = {name: float("inf") for name in fns}
-    for _ in range(a.repeats):  # interleaved, best of `repeats`: robust to other load on the machine
+
+    results = {name: d.generate(reqs) for name, d in decoders.items()}  # warm-up, and the outputs to compare
+    for d in decoders.values():
+        d.stats = type(d.stats)()  # count the timed repeats only
+    times = {name: [] for name in fns}
+    for _ in range(a.repeats):  # interleaved: load from other jobs hits every row alike
         for name, fn in fns.items():
-            t, _ = timed(fn, 1)
-            best[name] = min(best[name], t)
-    ratio = {name: replace_ratio(results[name]) if name in decoders else float("nan") for name in fns}
-    rows = {name: (tokens[name] / best[name], ratio[name], None) for name in fns}
+            times[name].append(wall_time(fn))
+    tps = {name: tokens[name] / statistics.median(ts) for name, ts in times.items()}
+    vs_single = {name: statistics.median(tokens[name] / t / (tokens["single"] / s)
+                                         for t, s in zip(times[name], times["single"])) for name in fns}
 
     print(f"models: hidden={a.hidden} layers={a.layers} vocab={a.vocab} dtype={a.dtype} device={a.device} "
-          f"threads={a.threads}; batch={a.batch} requests={n_req} prompt={a.prompt_len} new={a.new_tokens}; τ(Δlog p)={tau:.3f}")
-    print(f"{'mode':<12} {'tokens/s':>10} {'replace':>8} {'vs single':>10} {'vs official':>12}")
-    single, official = rows["single"][0], rows["official"][0]
-    for name, (tps, ratio, _) in rows.items():
-        print(f"{name:<12} {tps:>10.1f} {ratio:>8.3f} {tps / single:>10.3f} {tps / official:>12.2f}")
-    print("spec sequences identical to step: " + ", ".join(f"{n} {v:.0%}" for n, v in same.items()))
-    best_k = max((n for n in rows if n.startswith("spec")), key=lambda n: rows[n][0])
-    print(f"step / single     = {rows['step'][0] / single:.3f}   (target >= 0.45)")
-    print(f"{best_k} / single = {rows[best_k][0] / single:.3f}   (target >= 0.8 at ~10% replace ratio)")
-    print(f"step / official   = {rows['step'][0] / official:.2f}x;  {best_k} / official = {rows[best_k][0] / official:.2f}x")
+          f"threads={a.threads}; batch={a.batch} requests={n_req} prompt={a.prompt_len} new={a.new_tokens}; "
+          f"mean H(π_B) = {entropies.mean():.2f} nats (ln V = {torch.log(torch.tensor(float(a.vocab))):.2f}); "
+          f"τ: Δlog p {rules['dlogp'].threshold:.3f}, H(π_B) {rules['H_base'].threshold:.3f}; "
+          f"median of {a.repeats} repeats")
+    print(f"{'mode':<16} {'tokens/s':>9} {'replace':>8} {'stop r':>7} {'mean k':>7} {'=step':>6} {'vs single':>10} "
+          f"{'vs official':>12}")
+    for name in fns:
+        d = decoders.get(name)
+        crit = name.split()[0]
+        step = results.get(f"{crit} step")
+        same = sum(x.tokens == y.tokens for x, y in zip(results[name], step)) / n_req if d and step else float("nan")
+        extra = (replace_ratio(results[name]), stop_rate(d), d.stats.proposer_forwards / max(d.stats.rounds, 1)) \
+            if d else (float("nan"),) * 3
+        print(f"{name:<16} {tps[name]:>9.1f} {extra[0]:>8.3f} {extra[1]:>7.3f} {extra[2]:>7.2f} {same:>6.0%} "
+              f"{vs_single[name]:>10.3f} {tps[name] / tps['official']:>12.2f}")
+
+    print(f"\nstep / single (target >= 0.45): Δlog p {vs_single['dlogp step']:.3f}, H(π_B) {vs_single['H_base step']:.3f}")
+    c = 1 / vs_single["dlogp step"] - 1
+    for crit, label in (("dlogp", "Δlog p (reads both models)"), ("H_base", "H(π_B) (reads the base only)")):
+        specs = [n for n in decoders if n.startswith(f"{crit} spec")]
+        best = max(specs, key=lambda n: vs_single[n])
+        line = f"best spec / single (target >= 0.8 at ~{a.ratio:.0%} replace ratio), {label}: {best} {vs_single[best]:.3f}"
+        if crit == "dlogp":
+            r = statistics.median(stop_rate(decoders[n]) for n in specs if "auto" not in n)
+            b, k = bound(r, c)
+            line += f"   [bound {b:.3f} at k={k}: r={r:.3f}, scoring pass = {c:.2f} draft steps]"
+        print(line)
+    print(f"step / official = {tps['dlogp step'] / tps['official']:.2f}x")
 
 
 if __name__ == "__main__":

@@ -38,3 +38,17 @@ use_cpu_backend() {
   export VERL_PLATFORM=cpu VERL_ENGINE_DEVICE=cuda
   export TOKENIZERS_PARALLELISM=false OMP_NUM_THREADS="${OMP_NUM_THREADS:-1}"
 }
+
+# One Ray token-authentication setting for every node and job (scripts/ray_cluster.sh): RAY_AUTH_MODE
+# if set, else token when a token exists (RAY_AUTH_TOKEN, RAY_AUTH_TOKEN_PATH or ~/.ray/auth_token),
+# else disabled; exported, so Ray reads it. $1 names the caller in the message.
+export_ray_auth_mode() {
+  if [ -z "${RAY_AUTH_MODE:-}" ]; then
+    if [ -n "${RAY_AUTH_TOKEN:-}" ] || [ -s "${RAY_AUTH_TOKEN_PATH:-$HOME/.ray/auth_token}" ]; then
+      export RAY_AUTH_MODE=token
+    else
+      export RAY_AUTH_MODE=disabled
+    fi
+  fi
+  echo "[$1] RAY_AUTH_MODE=$RAY_AUTH_MODE${RAY_AUTH_TOKEN_PATH:+ RAY_AUTH_TOKEN_PATH=$RAY_AUTH_TOKEN_PATH}" >&2
+}

@@ -18,8 +18,8 @@
 # else on when a token is available (RAY_AUTH_TOKEN, the file RAY_AUTH_TOKEN_PATH, or
 # ~/.ray/auth_token, which Ray itself reads), else off. (Left to Ray, a head turns it on when
 # ~/.ray/auth_token exists and a worker does not, which then fails with InvalidAuthToken.) Every
-# node and every job needs the same token; jobs given an explicit RAY_ADDRESS also need
-# RAY_AUTH_MODE=token exported (Ray enables it by itself only for RAY_ADDRESS=auto).
+# node and every job needs the same token; run_dapo_reweight.sh given RAY_ADDRESS applies the same
+# rule to the job's driver (Ray enables token auth by itself only for RAY_ADDRESS=auto).
 #
 # Then, on the head node, run any job with RAY_ADDRESS set: the scripts connect to the cluster
 # instead of starting a local Ray:
@@ -69,18 +69,6 @@ node_start_args() {
   return 0
 }
 
-# One authentication setting for every node (see the header): exported, so Ray reads it.
-export_auth_mode() {
-  if [ -z "${RAY_AUTH_MODE:-}" ]; then
-    if [ -n "${RAY_AUTH_TOKEN:-}" ] || [ -s "${RAY_AUTH_TOKEN_PATH:-$HOME/.ray/auth_token}" ]; then
-      export RAY_AUTH_MODE=token
-    else
-      export RAY_AUTH_MODE=disabled
-    fi
-  fi
-  echo "[ray_cluster] RAY_AUTH_MODE=$RAY_AUTH_MODE${RAY_AUTH_TOKEN_PATH:+ RAY_AUTH_TOKEN_PATH=$RAY_AUTH_TOKEN_PATH}" >&2
-}
-
 # Where the head records its address: Ray's ray_current_cluster file in its temp dir.
 address_file() {
   echo "${TEMP_DIR:-${RAY_TMPDIR:-${TMPDIR:-/tmp}}/ray}/ray_current_cluster"
@@ -89,7 +77,7 @@ address_file() {
 start_head() {
   parse_node_options "$@"
   node_start_args
-  export_auth_mode
+  export_ray_auth_mode ray_cluster
   has_gpu || use_cpu_backend
   "${RAY[@]}" start --head --port="$PORT" --include-dashboard=false "${NODE_ARGS[@]}" "${REST[@]}"
   local address
@@ -102,14 +90,14 @@ start_worker() {
   local address="${1:?usage: ray_cluster.sh worker HEAD_IP:PORT [options]}"; shift
   parse_node_options "$@"
   node_start_args
-  export_auth_mode
+  export_ray_auth_mode ray_cluster
   has_gpu || use_cpu_backend
   "${RAY[@]}" start --address="$address" "${NODE_ARGS[@]}" "${REST[@]}"
 }
 
 show_status() {
   parse_node_options "$@"
-  export_auth_mode
+  export_ray_auth_mode ray_cluster
   if [ -n "$TEMP_DIR" ]; then
     "${RAY[@]}" status --address="$(cat "$(address_file)")" "${REST[@]}"
   else

@@ -37,7 +37,9 @@ fi
 
 if [ -n "${RAY_ADDRESS:-}" ]; then
   # Join an existing cluster (scripts/ray_cluster.sh): Ray refuses resource counts when connecting,
-  # and the workers get the non-secret environment the job needs.
+  # and the workers get the non-secret environment the job needs. The driver authenticates as the
+  # nodes do (Ray itself turns token auth on only for RAY_ADDRESS=auto).
+  export_ray_auth_mode run_dapo_reweight
   ARGS+=("++ray_kwargs.ray_init.num_cpus=null" "++ray_kwargs.ray_init.num_gpus=null")
   for name in VERL_PLATFORM VERL_ENGINE_DEVICE TOKENIZERS_PARALLELISM TINY_ASSETS_DIR TINY_RUN_DIR \
               WANDB_MODE WANDB_PROJECT WANDB_ENTITY WANDB_RUN_GROUP WANDB_DIR; do

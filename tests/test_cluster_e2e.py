@@ -282,6 +282,7 @@ def _skip_if_ray_cannot_start() -> None:
 def _run_ablation_on(cluster: ScriptCluster, out: Path) -> dict:
     """The top-p ablation (TOP_PS=0.9, ppl) on the cluster; node table and actors are read while it runs."""
     env = cluster.env()
+    del env["RAY_AUTH_MODE"]  # run_dapo_reweight.sh must derive it from the token file, as the nodes do
     env.update(
         RAY_ADDRESS=cluster.address,
         PRESET="tiny-cpu",
@@ -372,6 +373,7 @@ def test_top_p_ablation_trains_on_a_two_node_cluster_from_ray_cluster_sh(tmp_pat
     assert worker["resources"].get("GPU") == 1.0 and "GPU" not in head["resources"], nodes_before
     assert status.returncode == 0 and all(n["id"] in status.stdout for n in nodes_before), status.stdout
     assert result["code"] == 0, _tail(log)
+    assert "[run_dapo_reweight] RAY_AUTH_MODE=token" in log, _tail(log)  # from the token file alone
     assert re.search(rf"Connecting to existing Ray cluster at address: {re.escape(cluster.address)}", log), _tail(log)
     assert result["nodes_during"] is not None, "the node table was not read while the job ran"
     for table in (result["nodes_during"], nodes_after):

@@ -263,6 +263,42 @@ def test_row_keyed_sampling_is_independent_of_batch_and_order(model_and_tokenize
         generate_batch(model, prompts, [spec] * len(prompts), 0, row_keys=keys[:2])
 
 
+def test_fixed_forward_shape_makes_log_probs_independent_of_the_batch(model_and_tokenizer, assets, request):
+    """pad_to + chunk_rows + eager attention (what the rollout uses with full_determinism): a row's
+    log-probs, not only its tokens, are bit-identical alone and in batches of other sizes and prompt
+    lengths, with two threads; without a fixed shape the last bits move."""
+    from transformers import AutoModelForCausalLM
+
+    from verl_ext.decoding import rng
+
+    _, tokenizer = model_and_tokenizer
+    model = AutoModelForCausalLM.from_pretrained(assets.model_dir, dtype=torch.float32, attn_implementation="eager")
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)  # multi-threaded SDPA decoding is what is not batch-invariant
+    request.addfinalizer(lambda: torch.set_num_threads(threads))
+    prompts = [*chat_prompts(tokenizer, EXPRESSIONS), *chat_prompts(tokenizer, ["1+2+3+4+5+6+7+8+9+10+11+12"])]
+    n = len(prompts)
+    keys = rng.sequence_keys(3, torch.arange(n))
+    spec = SamplingSpec(10, temperature=1.0)
+
+    def log_probs(rows, **shape):
+        outs = generate_batch(model, [prompts[i] for i in rows], [spec] * len(rows), 0, row_keys=keys[rows], **shape)
+        return {i: g.log_probs for i, g in zip(rows, outs, strict=True)}
+
+    fixed = {"pad_to": max(map(len, prompts)) + 3, "chunk_rows": 3}
+    alone = {i: log_probs([i], **fixed)[i] for i in range(n)}
+    for rows in (list(range(n)), list(range(n))[::-1], [n - 1, 0, 2], [1, 4]):
+        assert log_probs(rows, **fixed) == {i: alone[i] for i in rows}, rows
+    free_alone = {i: log_probs([i])[i] for i in range(n)}
+    free_batched = log_probs(list(range(n)))
+    assert free_batched != free_alone, "the forward's shape should matter without pad_to/chunk_rows"
+    assert [g.token_ids for g in generate_batch(model, prompts, [spec] * n, 0, row_keys=keys, **fixed)] == [
+        g.token_ids for g in generate_batch(model, prompts, [spec] * n, 0, row_keys=keys)
+    ], "same draws, only the last bits of the log-probs move"
+    with pytest.raises(ValueError, match="chunk_rows needs row_keys"):
+        generate_batch(model, prompts, [spec] * n, 0, chunk_rows=2)
+
+
 def test_row_keyed_sampling_follows_the_sampling_distribution(model_and_tokenizer):
     """Frequencies of the first token over 4000 keyed rows match exp(sampling log-probs) (chi-square)."""
     from scipy.stats import chisquare
@@ -394,19 +430,21 @@ def _start_server(ray, assets, name_suffix: str, **config):
     return actor
 
 
-def test_full_determinism_gives_each_request_id_its_own_stream(ray_cluster, assets, model_and_tokenizer):
-    """rollout.full_determinism: a fresh server given verl's "det-<row>" ids in another order, in other
-    batches, returns the same tokens per id; the second time an id comes it gets a new stream."""
+def test_full_determinism_gives_each_request_its_own_stream(ray_cluster, assets, model_and_tokenizer):
+    """rollout.full_determinism: a fresh server given the requests in another order, in other batches,
+    returns the same tokens per request; the second time a request comes it gets a new stream. Both
+    id schemes of verl: "det-<row>" (synchronous agent loop) and "det-0" for every request (the v1
+    trainer's TransferQueue loop passes no row), where the prompt tells requests apart and identical
+    requests (n samples of a prompt) give the same multiset of responses."""
     _, tokenizer = model_and_tokenizer
     prompts = chat_prompts(tokenizer, EXPRESSIONS) * 2
     params = {"temperature": 1.0, "top_p": 1.0, "logprobs": True}
-    ids = [f"det-{i}" for i in range(len(prompts))]
 
-    def run(order, suffix):
+    def run(order, suffix, ids):
         server = _start_server(ray_cluster, assets, suffix, full_determinism=True, seed=3)
         try:
             outs = {}
-            for _ in range(2):  # two "steps": every id comes twice
+            for _ in range(2):  # two "steps": every request comes twice
                 refs = {
                     i: server.generate.remote(prompt_ids=prompts[i], sampling_params=params, request_id=ids[i])
                     for i in order
@@ -418,12 +456,23 @@ def test_full_determinism_gives_each_request_id_its_own_stream(ray_cluster, asse
         finally:
             ray_cluster.kill(server)
 
-    forward = run(list(range(len(prompts))), "-det-a")
-    backward = run(list(reversed(range(len(prompts)))), "-det-b")
+    rows = [f"det-{i}" for i in range(len(prompts))]
+    forward = run(list(range(len(prompts))), "-det-a", rows)
+    backward = run(list(reversed(range(len(prompts)))), "-det-b", rows)
     assert forward == backward
-    assert forward["first"] != forward["second"], "a repeated request id must not reuse its random stream"
+    assert forward["first"] != forward["second"], "a repeated request must not reuse its random stream"
     # the same prompt under different ids (rows 0 and 6) samples independently
     assert [forward["first"][i] for i in range(6)] != [forward["first"][i + 6] for i in range(6)]
+
+    same_id = ["det-0"] * len(prompts)
+    v1_forward = run(list(range(len(prompts))), "-det-c", same_id)
+    v1_backward = run([*range(6, 12), *reversed(range(6))], "-det-d", same_id)
+    for step in ("first", "second"):
+        for i in range(6):  # prompt i is rows i and i + 6: a group of two identical requests
+            group = lambda outs: sorted([outs[step][i], outs[step][i + 6]])  # noqa: E731
+            assert group(v1_forward) == group(v1_backward), (step, i)
+    assert any(v1_forward["first"][i] != v1_forward["first"][i + 6] for i in range(6)), "identical requests, one stream"
+    assert v1_forward["first"] != v1_forward["second"]
 
 
 def test_adapter_pushes_new_weights_and_generation_changes(

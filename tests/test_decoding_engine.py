@@ -15,8 +15,15 @@ import torch
 from scipy import stats
 from transformers import Qwen2Config, Qwen2ForCausalLM
 
-from verl_ext.decoding import rng
-from verl_ext.decoding.engine import Request, TwoModelDecoder, compaction_index, replace_ratio
+from verl_ext.decoding import engine, rng
+from verl_ext.decoding.engine import (
+    AdaptiveDraftLen,
+    Request,
+    TwoModelDecoder,
+    compaction_index,
+    expected_tokens,
+    replace_ratio,
+)
 from verl_ext.decoding.sampler import DecodingRule
 
 EOS, PAD = 1, 0
@@ -163,25 +170,74 @@ RULES = {
     "table1-rl-proposal": DecodingRule("delta_logp", 0.5, "extrapolate", gamma=0.4, propose_from="rl", top_p=0.9),
     "official-top5": DecodingRule("delta_logp", -0.3, "extrapolate", gamma=0.2, top_p=0.7, base_top_k_approximation=5),
     "all-gamma0": DecodingRule("all", 0.0, "extrapolate", gamma=0.0, top_p=0.8),
+    # every other criterion, and the gates decided from the proposer alone in each setting
+    "entropy_rl": DecodingRule("entropy_rl", 1.2, top_p=0.9),
+    "kl_base_rl": DecodingRule("kl_base_rl", 0.8, "extrapolate", gamma=0.2, top_p=0.9),
+    "random-replace": DecodingRule("random", 0.25, top_p=0.8),
+    "entropy_rl-rl-proposal": DecodingRule("entropy_rl", 1.2, "extrapolate", gamma=0.3, propose_from="rl", top_p=0.9),
+    "entropy_base-top5": DecodingRule("entropy_base", 1.0, top_p=0.8, base_top_k_approximation=5),
+    "none": DecodingRule("none", 0.0, top_p=0.8),
 }
+PROPOSER_ONLY = {"entropy_base", "random", "all-gamma0", "random-replace", "entropy_rl-rl-proposal",
+                 "entropy_base-top5"}
 
 
 @pytest.mark.parametrize("name", list(RULES))
 def test_engine_matches_cache_free_reference(models, name):
-    """Step loop (k = 1) and speculative rounds (k = 4) both emit the reference's tokens, flags, scores."""
+    """Step loop (k = 1), speculative rounds (k = 3, 6) and the adaptive k all emit the reference's
+    tokens, flags and scores, for every criterion."""
     base, rl = models
     rule = RULES[name]
     expected = [reference_decode(base, rl, r.prompt_ids, r.stream_id, 11, rule, 10) for r in REQUESTS]
-    for draft_len in (1, 4):
-        dec = decoder(base, rl, rule, seed=11, draft_len=draft_len, max_batch_size=4, admit_min=1)
+    for draft_len in (1, 3, 6, "auto"):
+        dec = decoder(base, rl, rule, seed=11, draft_len=draft_len, max_draft_len=5, max_batch_size=4, admit_min=1)
+        assert dec.early_gate == (name in PROPOSER_ONLY)
         for req, res, (tokens, fired, scores) in zip(REQUESTS, dec.generate(REQUESTS), expected):
             assert res.tokens == tokens, (name, draft_len, req)
             assert res.replaced == fired
             np.testing.assert_allclose(res.scores, scores, rtol=1e-5, atol=1e-6)
             assert res.finish_reason == ("eos" if tokens[-1] == EOS else "length")
     n_fired, n_tokens = sum(sum(f) for _, f, _ in expected), sum(len(t) for t, _, _ in expected)
-    assert 0 < n_fired < n_tokens or name == "all-gamma0"  # the gate matters in every case
+    if name == "none":
+        assert n_fired == 0 and dec.stats.scorer_forwards == 0  # `none` never needs the other model
+    elif name != "all-gamma0":
+        assert 0 < n_fired < n_tokens  # the gate matters in every case
     assert any(t[-1] == EOS for t, _, _ in expected) or name == "all-gamma0"
+
+
+def test_scorer_without_a_split_lm_head_gives_the_same_tokens(models, monkeypatch):
+    """A proposer-only gate projects the scorer's hidden states at the fired positions only; an
+    architecture not known to be `lm_head(h)` takes the full-logits path: same results."""
+    base, rl = models
+    reqs = [Request(PROMPTS[i % 6], stream_id=i) for i in range(12)]
+    for name in ("random", "entropy_base-top5"):
+        split = decoder(base, rl, RULES[name], seed=4, draft_len=3).generate(reqs)
+        monkeypatch.setattr(engine, "_PLAIN_LM_HEAD", frozenset())
+        full = decoder(base, rl, RULES[name], seed=4, draft_len=3).generate(reqs)
+        monkeypatch.undo()
+        assert [(r.tokens, r.replaced) for r in split] == [(r.tokens, r.replaced) for r in full]
+        assert any(any(r.replaced) for r in split)
+
+
+@pytest.mark.parametrize(
+    "rule",
+    [DecodingRule("all", 0.0, top_p=0.9), DecodingRule("avg_kl", -1.0, top_p=0.2)],
+    ids=["all: stand-in drafts", "avg_kl < 0 fires everywhere: d = ŷ"],
+)
+def test_a_round_goes_on_past_fired_positions_whose_resample_equals_the_draft(rule):
+    """Every position fires; a round still keeps several of them when y equals the drafted token,
+    and stays token-identical to the step loop. (Cutting at every fired position would give exactly
+    one token per row and round.)"""
+    base, rl = make_models(seed=3, eos_boost=0.0, perturb=0.15)
+    reqs = [Request(PROMPTS[i % 6], stream_id=i) for i in range(16)]
+    step = decoder(base, rl, rule, seed=8, draft_len=1, max_new_tokens=16).generate(reqs)
+    spec_dec = decoder(base, rl, rule, seed=8, draft_len=4, max_new_tokens=16)
+    spec = spec_dec.generate(reqs)
+    assert [(r.tokens, r.replaced) for r in step] == [(r.tokens, r.replaced) for r in spec]
+    assert replace_ratio(spec) == 1.0
+    st = spec_dec.stats
+    assert st.tokens / st.row_rounds > 1.3, (st.tokens, st.row_rounds)
+    assert 0 < st.mismatches < st.row_rounds
 
 
 def test_speculative_equals_step_by_step_in_every_statistic(models):
@@ -221,9 +277,11 @@ def test_limits_none_is_base_sampling_and_gamma0_is_replacement(models):
     base, rl = models
     reqs = [Request(PROMPTS[i % 6], stream_id=i) for i in range(12)]
     plain = decoder(base, None, DecodingRule("none", 0.0, top_p=0.8), seed=2).generate(reqs)
-    none = decoder(base, rl, DecodingRule("none", 0.0, top_p=0.8), seed=2, draft_len=3).generate(reqs)
+    none_dec = decoder(base, rl, DecodingRule("none", 0.0, top_p=0.8), seed=2, draft_len=3)
+    none = none_dec.generate(reqs)
     assert [r.tokens for r in plain] == [r.tokens for r in none]
     assert not any(any(r.replaced) for r in none)
+    assert none_dec.stats.scorer_forwards == 0 and none_dec.models == [base]
     rep = decoder(base, rl, DecodingRule("delta_logp", -0.4, top_p=0.8), seed=2, draft_len=2).generate(reqs)
     ext = decoder(base, rl, DecodingRule("delta_logp", -0.4, "extrapolate", gamma=0.0, top_p=0.8), seed=2).generate(reqs)
     assert [(r.tokens, r.replaced) for r in rep] == [(r.tokens, r.replaced) for r in ext]
@@ -272,6 +330,60 @@ def test_compaction_index_right_aligns_kept_columns():
     assert kept == [[1, 3, 4], [0, 1, 2, 5], [4]]
 
 
+def test_expected_tokens_is_the_mean_of_min_geometric_k():
+    g = np.random.default_rng(0)
+    for r, k in ((0.1, 4), (0.3, 2), (0.02, 8), (0.5, 1)):
+        sim = np.minimum(g.geometric(r, 200_000), k).mean()
+        assert abs(expected_tokens(r, k) - sim) < 0.02, (r, k)
+    assert expected_tokens(0.0, 5) == 5.0 and expected_tokens(1.0, 5) == 1.0
+    assert expected_tokens(1e-18, 5) == pytest.approx(5.0)  # no cancellation at tiny r
+
+
+def _feed(ad, rest, rate, gain=expected_tokens, rounds=40, rows=100):
+    """Observe rounds at every k with draft steps of 1 s, the given rest(k), stop rate and gain."""
+    for _ in range(rounds):
+        for k in range(1, ad.max_len + 1):
+            checked = rows * max(k - 1, 1)
+            ad.observe(k, round(rate * checked), checked, gain(rate, k), t_draft=1.0 * k, t_rest=rest(k))
+
+
+def test_adaptive_draft_len_maximises_measured_tokens_per_second():
+    """k* = argmax_k g(k)/T(k) over the measured gains and round times; with gains as the stop
+    rate predicts, the argmax of E[min(G,k)] / (k·d + s(k))."""
+    cases = [
+        (lambda k: 1.0, 0.1, 4),  # scoring costs one draft step whatever k: (1−0.9^k)/0.1/(k+1) peaks at 4
+        (lambda k: 1.0 * k, 0.1, 1),  # scoring costs k draft steps: speculation cannot pay
+        (lambda k: 0.5, 0.0, 8),  # nothing ever stops a round: the longest draft
+        (lambda k: 1.0, 0.5, 1),  # half the positions stop: 1.5/3 < 1/2
+    ]
+    for rest, rate, want in cases:
+        ad = AdaptiveDraftLen(8, explore_every=10**9)
+        assert ad.choose() == 4  # no measurement yet: the starting length
+        _feed(ad, rest, rate)
+        assert abs(ad.stop_rate - rate) < 0.01
+        assert ad.choose() == want, (rate, want, [round(ad.tokens_per_second(k), 4) for k in range(1, 9)])
+        assert ad.predicted_tokens_per_second(want) == pytest.approx(ad.tokens_per_second(want), rel=0.05)
+    # measured gains overrule the prediction: rows that gain one token a round whatever k (e.g. a
+    # batch waiting for its slowest row) make k = 1 the fastest although r = 0.1 predicts k = 4
+    ad = AdaptiveDraftLen(8, explore_every=10**9)
+    _feed(ad, lambda k: 1.0, 0.1, gain=lambda r, k: 1.0)
+    assert ad.choose() == 1 and max(range(1, 9), key=ad.predicted_tokens_per_second) == 4
+
+
+def test_adaptive_draft_len_predicts_untried_lengths_and_explores_neighbours():
+    ad = AdaptiveDraftLen(8, explore_every=3)
+    for k, t in ((2, 3.0), (3, 4.0)):  # rest(k) = 1 + k: the least-squares line predicts rest(6) = 7
+        ad.observe(k, 0, 10, float(k), t_draft=float(k), t_rest=t)
+    assert ad._rest_time(6) == pytest.approx(7.0)
+    assert ad.tokens_per_second(6) == ad.predicted_tokens_per_second(6)
+    ad = AdaptiveDraftLen(8, explore_every=3)
+    ad.observe(4, 0, 10_000, 4.0, t_draft=4.0, t_rest=1.0)
+    picks = [ad.choose() for _ in range(6)]
+    # only k = 4 measured (rest assumed flat), no stops: 8 is predicted best; every third round a
+    # neighbour (9 is out of range, so the other side)
+    assert picks == [8, 8, 7, 8, 8, 7]
+
+
 def test_clear_errors(models):
     base, rl = models
     with pytest.raises(ValueError, match="empty prompt"):
@@ -280,3 +392,6 @@ def test_clear_errors(models):
         decoder(base, None, RULES["delta_logp"])
     with pytest.raises(ValueError, match="valid criteria: entropy_base"):
         decoder(base, rl, DecodingRule("delta", -0.3))
+    for bad in (0, "fast", 2.5):
+        with pytest.raises(ValueError, match="draft_len must be an int >= 1 or 'auto'"):
+            decoder(base, rl, RULES["delta_logp"], draft_len=bad)

@@ -12,11 +12,16 @@ import torch
 from scipy import stats
 
 from verl_ext.decoding import rng
-from verl_ext.decoding.criteria import CRITERIA, GateInputs, criterion_score, gate, get_criterion
+from verl_ext.decoding.criteria import CRITERIA, GateInputs, can_fire, criterion_score, gate, gate_reads, get_criterion
 from verl_ext.decoding.sampler import (
     DecodingRule,
     base_top_k_view,
+    evaluate_gate,
+    evaluate_gate_on_proposer,
     gate_and_resample,
+    gate_reads_proposer_only,
+    guess_resample,
+    resample,
     sample_from_log_probs,
     two_stage_step,
 )
@@ -158,6 +163,90 @@ def test_criterion_scores_match_numpy():
     assert gate("all", s, 0.5).tolist() == [True] * 3
     assert set(CRITERIA) == {"entropy_base", "entropy_rl", "kl_rl_base", "kl_base_rl", "avg_kl", "delta_logp",
                              "random", "none", "all"}
+
+
+def test_gate_reads_is_what_the_scores_look_at():
+    """`reads` is checked against the scores themselves: changing a distribution a criterion does
+    not read leaves its score unchanged, changing one it reads changes it."""
+    lb, lr = _probs(2)
+    lb2, lr2 = _probs(3)
+    token = torch.tensor([0, 3, 8, 2, 5])
+    u = torch.rand(5, dtype=torch.float64)
+
+    def score(name, b, r):
+        delta = r.gather(1, token[:, None]).squeeze(1) - b.gather(1, token[:, None]).squeeze(1)
+        return criterion_score(name, GateInputs(b, r, delta, u))
+
+    for name in CRITERIA:
+        reads = gate_reads(name)
+        for side, (b, r) in {"base": (lb2, lr), "rl": (lb, lr2)}.items():
+            same = torch.equal(score(name, lb, lr).nan_to_num(7.0), score(name, b, r).nan_to_num(7.0))
+            assert same == (side not in reads), (name, side)
+    assert gate_reads("entropy_rl", top_k_approximation=5) == {"base", "rl"}  # π̃_RL lives on π_B's top-k
+    assert gate_reads("entropy_base", top_k_approximation=5) == {"base"}
+    assert [n for n in CRITERIA if not can_fire(n)] == ["none"]
+
+
+@pytest.mark.parametrize(
+    "rule",
+    [
+        DecodingRule("entropy_base", 1.5, top_p=0.9),
+        DecodingRule("random", 0.4, "extrapolate", gamma=0.5, top_p=0.8),
+        DecodingRule("all", 0.0, "extrapolate", gamma=0.3, top_p=0.9, base_top_k_approximation=4),
+        DecodingRule("entropy_rl", 1.5, propose_from="rl", top_p=0.9),
+        DecodingRule("entropy_base", 1.0, top_p=0.9, base_top_k_approximation=4),
+    ],
+    ids=["entropy_base", "random", "all-topk", "entropy_rl-rl-proposal", "entropy_base-topk"],
+)
+def test_gate_on_the_proposer_alone_equals_the_two_model_gate(rule):
+    lb, lr = _probs(4, n=64)
+    prop = lb if rule.propose_from == "base" else lr
+    keys = rng.sequence_keys(0, torch.arange(64))
+    pos = torch.zeros(64, dtype=torch.long)
+    u_prop, u_gate = (rng.uniforms(keys, pos, s) for s in (rng.STREAM_PROPOSAL, rng.STREAM_GATE))
+    token = sample_from_log_probs(prop, u_prop)
+    assert gate_reads_proposer_only(rule)
+    s1, g1 = evaluate_gate_on_proposer(prop, token, u_gate, rule)
+    s2, g2 = evaluate_gate(lb, lr, token, u_gate, rule)
+    assert torch.equal(g1, g2) and 0 < int(g1.sum()) <= 64
+    np.testing.assert_array_equal(s1.numpy(), s2.numpy())
+
+
+def test_gate_on_the_proposer_refuses_criteria_that_read_the_other_model():
+    lb, _ = _probs(5)
+    token, u = torch.zeros(5, dtype=torch.long), torch.rand(5, dtype=torch.float64)
+    for rule in (DecodingRule("delta_logp", -0.3), DecodingRule("entropy_rl", 1.0), DecodingRule("avg_kl", 0.1),
+                 DecodingRule("entropy_base", 1.0, propose_from="rl"),
+                 DecodingRule("entropy_rl", 1.0, propose_from="rl", base_top_k_approximation=3)):
+        assert not gate_reads_proposer_only(rule)
+        with pytest.raises(ValueError, match="reads the other model"):
+            evaluate_gate_on_proposer(lb, token, u, rule)
+
+
+def test_guess_resample_couples_with_the_resample_through_the_shared_uniform():
+    """Inverse-CDF draws from p and q with the same u agree exactly when u lands, for some token v,
+    in [max(F_p(v−1), F_q(v−1)), min(F_p(v), F_q(v))): P(agree) = Σ_v of that length (p = the
+    guess's law, q with π_RL := π_B). The empirical rate matches it; independent uniforms agree far
+    less often."""
+    g = torch.Generator().manual_seed(6)
+    n, v = 4000, 50
+    logits = torch.randn(n, v, generator=g, dtype=torch.float64) * 3
+    lb = torch.log_softmax(logits, -1)
+    lr = torch.log_softmax(logits + 0.15 * torch.randn(n, v, generator=g, dtype=torch.float64), -1)
+    u = torch.rand(n, generator=g, dtype=torch.float64)
+    for rule in (DecodingRule("all", 0.0, top_p=0.9), DecodingRule("all", 0.0, "extrapolate", gamma=0.7, top_p=0.8)):
+        gamma = rule.resample_gamma
+        p_agree = 0.0
+        for b_row, r_row in zip(lb.numpy(), lr.numpy()):
+            fp = np.cumsum(np_nucleus(np_softmax(b_row), rule.top_p))
+            fq = np.cumsum(np_nucleus(np_softmax((1 + gamma) * r_row - gamma * b_row), rule.top_p))
+            lo = np.maximum(np.append(0.0, fp[:-1]), np.append(0.0, fq[:-1]))
+            p_agree += np.clip(np.minimum(fp, fq) - lo, 0, None).sum() / n
+        y = resample(lb, lr, u, rule)
+        agree = (guess_resample(lb, u, rule) == y).double().mean().item()
+        independent = (guess_resample(lb, u.roll(1), rule) == y).double().mean().item()
+        assert abs(agree - p_agree) < 4 * math.sqrt(p_agree * (1 - p_agree) / n), (agree, p_agree)
+        assert agree > independent + 0.25, (agree, independent)
 
 
 def test_unknown_names_raise_with_valid_choices():

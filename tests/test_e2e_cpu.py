@@ -111,6 +111,27 @@ def test_wandb_offline_run_has_the_hook_metrics_and_every_dashboard_panel(first_
     assert "tiny-cpu-lowprob-a0.2-topp1.0" in log  # the run name encodes preset, scheme, alpha, top-p
 
 
+# what a rerun may change: wall-clock times and the throughput and memory figures derived from them
+NONDETERMINISTIC = re.compile(r"timing|time_|perf/|throughput|memory")
+
+
+@pytest.mark.slow
+def test_a_rerun_with_the_same_seed_logs_the_same_numbers(first_run, tmp_path, step_metrics):
+    """The tiny preset sets rollout.full_determinism: a second run in a fresh folder logs every
+    metric (rewards, losses, weights, evictions, validation) bit for bit as the first, timings aside."""
+    _, first_code, first_log = first_run
+    code, log = run_training(tmp_path, "rerun", "trainer.total_training_steps=2")
+    assert first_code == 0 and code == 0, _tail(log)
+    first, again = step_metrics(first_log), step_metrics(log)
+    assert sorted(again) == sorted(first) == [1, 2]
+    for step in first:
+        keys = {k for k in first[step] if not NONDETERMINISTIC.search(k)}
+        assert {k for k in again[step] if not NONDETERMINISTIC.search(k)} == keys
+        differing = {k: (first[step][k], again[step][k]) for k in keys
+                     if not (first[step][k] == again[step][k] or (math.isnan(first[step][k]) and math.isnan(again[step][k])))}
+        assert not differing, (step, differing)
+
+
 @pytest.mark.slow
 def test_resume_continues_from_the_last_saved_step(first_run, step_metrics):
     run_dir, code, first_log = first_run

@@ -193,32 +193,50 @@ def test_generate_checks_k_before_sampling(tmp_path):
         run(cfg)
 
 
-def test_wandb_only_when_configured(monkeypatch):
-    """wandb is used only with WANDB_MODE or WANDB_API_KEY set; then the table's numbers are logged."""
-    import types
+def test_grade_logs_to_wandb_in_the_training_project(tmp_path, monkeypatch, read_wandb_history):
+    """With WANDB_MODE set (enable=auto) the graded table goes to a real (offline) wandb run in the
+    training's project and WANDB_RUN_GROUP: every number as eval/<dataset>/<metric>, and the table."""
+    from omegaconf import OmegaConf
 
-    from verl_ext.evaluation import report
+    from verl_ext import wandb_logging
+    from verl_ext.evaluation import command
 
-    monkeypatch.delenv("WANDB_MODE", raising=False)
-    monkeypatch.delenv("WANDB_API_KEY", raising=False)
-    assert not report.wandb_enabled()
-    monkeypatch.setenv("WANDB_MODE", "offline")
-    assert report.wandb_enabled()
+    gens = tmp_path / "gens.jsonl"
+    rows = [{"prompt_id": p, "response": f"\\boxed{{{r}}}", "ground_truth": "3", "data_source": "toy"}
+            for p, answers in (("a", "3313"), ("b", "1200")) for r in answers]
+    gens.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    for name, value in {"WANDB_MODE": "offline", "WANDB_DIR": str(tmp_path), "WANDB_SILENT": "true",
+                        "WANDB_RUN_GROUP": "eval-test"}.items():
+        monkeypatch.setenv(name, value)
+    started = []
 
-    logged, finished = [], []
+    def keep(*args, **kwargs):
+        started.append(wandb_logging.start_run(*args, **kwargs))
+        return started[-1]
 
-    class Run:
-        def log(self, data):
-            logged.append(data)
+    monkeypatch.setattr(command, "start_run", keep)
+    out = tmp_path / "graded"
+    table = command.run(_compose([f"generations={gens}", f"output_dir={out}", "metrics.pass_ks=[1,2]",
+                                  "show_progress=false", "grader.num_workers=1"]))["table"]
+    assert table["toy"]["avg@4"] == pytest.approx((3 / 4 + 0) / 2)  # "3313" has three 3s, "1200" none
+    (run,) = started
+    recipe = OmegaConf.load(REPO / "recipe" / "dapo_reweight" / "config" / "dapo_reweight.yaml")
+    assert (run.project, run.group, run.name, run.job_type) == (
+        recipe.trainer.project_name, "eval-test", "evaluate-graded", "eval")
+    (run_dir,) = (tmp_path / "wandb").glob("offline-run-*")
+    history = read_wandb_history(run_dir)
+    numbers = {k: v for row in history for k, v in row.items() if k.startswith("eval/toy/")}
+    assert numbers == {f"eval/toy/{k}": pytest.approx(v) for k, v in table["toy"].items()
+                       if isinstance(v, (int, float))}
+    (logged,) = [row for row in history if "eval/table/path" in row]
+    data = json.loads((run_dir / "files" / logged["eval/table/path"]).read_text())
+    assert data["columns"] == ["dataset", *table["toy"]] and data["data"][0][0] == "toy"
 
-        def finish(self):
-            finished.append(True)
 
-    fake = types.SimpleNamespace(init=lambda **kw: Run(), Table=lambda columns, data: ("table", columns, data))
-    monkeypatch.setitem(sys.modules, "wandb", fake)
-    table = {"aime": {"num_problems": 2, "samples_per_problem": 4, "avg@4": 0.5, "pass@2": 0.75,
-                      "mean_response_length": 12.0}}
-    report.log_to_wandb(table, {"x": 1}, project="p", name=None)
-    assert logged[0] == {"eval/aime/num_problems": 2, "eval/aime/samples_per_problem": 4, "eval/aime/avg@4": 0.5,
-                         "eval/aime/pass@2": 0.75, "eval/aime/mean_response_length": 12.0}
-    assert logged[1]["eval/table"][1][0] == "dataset" and finished == [True]
+def test_bad_wandb_enable_is_refused_before_grading(tmp_path):
+    from verl_ext.evaluation.command import run
+
+    with pytest.raises(ValueError, match="wandb.enable='yes' is invalid; valid choices: auto, true, false"):
+        run(_compose([f"generations={tmp_path / 'absent.jsonl'}", f"output_dir={tmp_path / 'o'}",
+                      "wandb.enable=yes"]))
+    assert not (tmp_path / "o").exists()

@@ -6,6 +6,8 @@ Set `VERL_USE_EXTERNAL_MODULES=verl_ext.verl_plugin` where entry points are not 
 (e.g. running from a source tree that is not pip-installed).
 """
 
-from verl_ext import cpu  # noqa: F401
-from verl_ext import policy_loss  # noqa: F401  (policy loss `dapo_reweight`)
-from verl_ext import trainer  # noqa: F401  (v1 trainer mode `dapo_reweight`)
+from verl_ext import (
+    cpu,  # noqa: F401
+    policy_loss,  # noqa: F401  (policy loss `dapo_reweight`)
+    trainer,  # noqa: F401  (v1 trainer mode `dapo_reweight`)
+)

@@ -148,9 +148,9 @@ class Generation:
     finish_reason: str  # "stop" (stop token), "length" (max_tokens) or "abort"
 
 
-def left_pad(prompts: Sequence[Sequence[int]], pad_token_id: int):
-    """[B, L] input ids and attention mask, prompts right-aligned."""
-    width = max(len(p) for p in prompts)
+def left_pad(prompts: Sequence[Sequence[int]], pad_token_id: int, min_width: int = 0):
+    """[B, L] input ids and attention mask, prompts right-aligned; L = max(longest prompt, min_width)."""
+    width = max(min_width, *(len(p) for p in prompts))
     ids = torch.full((len(prompts), width), pad_token_id, dtype=torch.long)
     mask = torch.zeros((len(prompts), width), dtype=torch.long)
     for row, prompt in enumerate(prompts):
@@ -170,19 +170,40 @@ def generate_batch(
     generator: torch.Generator | None = None,
     should_abort: Callable[[], bool] | None = None,
     row_keys: torch.Tensor | None = None,
+    pad_to: int = 0,
+    chunk_rows: int = 0,
 ) -> list[Generation]:
     """Sample continuations of all `prompts` together (one forward per new token, KV cache).
 
     Each row has its own sampling spec. Randomness: one `generator` shared by the batch, or, with
     `row_keys` ([B] int64 stream keys of `verl_ext.decoding.rng`), row i's t-th token is the
-    inverse-CDF draw at u(key_i, t): the same tokens whatever batch or order the row runs in. Rows that finished keep being fed (their outputs are
-    ignored) until every row is done, as `model.generate` does. `should_abort()` is polled
+    inverse-CDF draw at u(key_i, t): the same tokens whatever batch or order the row runs in.
+    Batch invariance: a row's logits depend, in their last bits, on the shape of the forward it is
+    part of (attention sums over the padded width; matmul kernels and their thread split change
+    with the number of rows), not on the other rows' contents. `pad_to` left-pads to at least that
+    width and `chunk_rows` runs the batch in chunks of exactly that many rows (the last one filled
+    with copies of its first row, discarded): with both fixed, a row's log-probs are bit-identical
+    in whatever batch it comes. Rows that finished keep being fed (their outputs are ignored) until
+    every row of the chunk is done, as `model.generate` does. `should_abort()` is polled
     once per token; when it returns True every unfinished row ends with reason "abort".
     """
     from transformers import DynamicCache
 
     if len(prompts) != len(specs):
         raise ValueError(f"got {len(prompts)} prompts but {len(specs)} sampling specs")
+    if chunk_rows > 0:
+        if row_keys is None:
+            raise ValueError("chunk_rows needs row_keys: with one shared generator the chunks would draw differently")
+        outputs = []
+        for start in range(0, len(prompts), chunk_rows):
+            n = min(chunk_rows, len(prompts) - start)
+            fill = [start] * (chunk_rows - n)  # copies of the chunk's first row keep its shape fixed
+            rows = [*range(start, start + n), *fill]
+            outputs += generate_batch(
+                model, [prompts[i] for i in rows], [specs[i] for i in rows], pad_token_id,
+                should_abort=should_abort, row_keys=row_keys[rows], pad_to=pad_to,
+            )[:n]
+        return outputs
     device = next(model.parameters()).device
     if row_keys is not None:
         if row_keys.shape != (len(prompts),):
@@ -192,7 +213,7 @@ def generate_batch(
         row_keys = row_keys.to(device)
     vocab = model.get_output_embeddings().weight.shape[0]
     temperature, top_k, top_p = (t.to(device) for t in _row_params(specs, vocab))
-    input_ids, attention_mask = (t.to(device) for t in left_pad(prompts, pad_token_id))
+    input_ids, attention_mask = (t.to(device) for t in left_pad(prompts, pad_token_id, pad_to))
     position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)
     cache = DynamicCache()
 

@@ -17,12 +17,15 @@ Select it with `actor_rollout_ref.rollout.name=hf`. Three pieces, registered wit
 
 Options (`+actor_rollout_ref.rollout.engine_kwargs.hf.<key>=...`): `num_threads` (torch threads
 of the server; default all cores, as rollout and training alternate), `batch_idle_ms` (20),
-`max_batch_wait_ms` (500).
+`max_batch_wait_ms` (500), `deterministic_chunk_rows` (16; rows per forward with full_determinism).
 
 Reproducibility: with verl's `actor_rollout_ref.rollout.full_determinism=true` every request
 samples from its own counter-based random stream (`verl_ext.decoding.rng`), keyed by verl's
-deterministic request id, so a rerun with the same seed draws the same tokens for the same
-rows even though requests arrive, and are batched, in a different order.
+request id, the prompt and the sampling parameters (`_stream_id`), so a rerun with the same seed
+draws the same responses for the same prompts even though requests arrive, and are batched, in a
+different order. Every forward then also has one shape (width `rollout.prompt_length`, chunks of
+`deterministic_chunk_rows` rows) and eager attention (multi-threaded SDPA decoding on CPU depends
+on the other rows), so the log-probs, not only the tokens, are bit-identical in any batch.
 """
 
 from __future__ import annotations
@@ -49,7 +52,12 @@ from verl_ext.decoding import rng
 logger = logging.getLogger(__name__)
 
 BACKEND = "hf"
-DEFAULT_ENGINE_KWARGS = {"num_threads": None, "batch_idle_ms": 20.0, "max_batch_wait_ms": 500.0}
+DEFAULT_ENGINE_KWARGS = {
+    "num_threads": None,
+    "batch_idle_ms": 20.0,
+    "max_batch_wait_ms": 500.0,
+    "deterministic_chunk_rows": 16,
+}
 
 
 def stable_stream_id(name: str) -> int:
@@ -88,15 +96,17 @@ def _torch_dtype(name: str) -> torch.dtype:
     return dtypes[name]
 
 
-def load_rollout_model(model_config: HFModelConfig, dtype: torch.dtype, load_format: str):
+def load_rollout_model(model_config: HFModelConfig, dtype: torch.dtype, load_format: str, attention: str = "sdpa"):
     """The generation model: real weights, or random ones for `load_format=dummy*` (the trainer
-    pushes its weights before the first rollout either way)."""
+    pushes its weights before the first rollout either way). `attention`: the transformers
+    attention implementation ("eager" is batch-invariant on CPU; multi-threaded "sdpa" decoding is
+    not)."""
     from transformers import AutoModelForCausalLM
 
     path = model_config.local_path
     if path is None or not os.path.isdir(path):
         raise FileNotFoundError(f"actor_rollout_ref.model.path: model directory {path!r} does not exist")
-    kwargs = {"dtype": dtype, "attn_implementation": "sdpa", "trust_remote_code": model_config.trust_remote_code}
+    kwargs = {"dtype": dtype, "attn_implementation": attention, "trust_remote_code": model_config.trust_remote_code}
     if load_format.startswith("dummy"):
         model = AutoModelForCausalLM.from_config(model_config.hf_config, **kwargs)
     else:
@@ -135,11 +145,14 @@ class HFRolloutServer:
         self.node_rank = node_rank
         torch.set_num_threads(int(self.options["num_threads"] or os.cpu_count() or 1))
 
-        self.model = load_rollout_model(self.model_config, _torch_dtype(self.config.dtype), self.config.load_format)
+        self.model = load_rollout_model(
+            self.model_config, _torch_dtype(self.config.dtype), self.config.load_format,
+            attention="eager" if self.config.full_determinism else "sdpa",
+        )
         self.eos_token_ids = self._eos_token_ids()
         self.pad_token_id = self._pad_token_id()
         self.generator = torch.Generator().manual_seed(self.config.seed + replica_rank)
-        self._request_counts: Counter[str] = Counter()  # full_determinism: how often each request id came
+        self._request_counts: Counter[str] = Counter()  # full_determinism: how often each request came
         self.global_steps: int | None = None
 
         self._queue: list[_Request] = []
@@ -218,20 +231,25 @@ class HFRolloutServer:
             eos_token_ids=[] if self.config.ignore_eos else self.eos_token_ids,
             max_possible_tokens=self._max_possible_tokens(len(prompt_ids)),
         )
-        request = _Request(prompt_ids, spec, want_log_probs, self._stream_id(request_id))
+        request = _Request(prompt_ids, spec, want_log_probs, self._stream_id(request_id, prompt_ids, spec))
         self._queue.append(request)
         self._queue_changed.set()
         return await request.future
 
-    def _stream_id(self, request_id: str) -> int | None:
-        """With `rollout.full_determinism`, the request's own random stream: verl then names requests
-        by their row in the generation batch ("det-<row>"), so (request id, how many times it came
-        before) is the same in every rerun, whatever order the requests arrive and batch in."""
+    def _stream_id(self, request_id: str, prompt_ids: list[int], spec: SamplingSpec) -> int | None:
+        """With `rollout.full_determinism`, the request's own random stream, keyed by what the request
+        is (id, prompt tokens, sampling parameters) and by how many identical requests came before.
+
+        verl's synchronous agent loop names requests by their row ("det-<row>"), but the v1 trainer's
+        TransferQueue loop passes no row, so every request there is "det-0": the prompt keeps distinct
+        prompts apart whatever order they arrive in. Identical requests (the n samples of one prompt)
+        are exchangeable: which of them gets which stream changes no group's set of responses."""
         if not self.config.full_determinism:
             return None
-        occurrence = self._request_counts[request_id]
-        self._request_counts[request_id] += 1
-        return stable_stream_id(f"{request_id}#{occurrence}")
+        key = f"{request_id}|{','.join(map(str, prompt_ids))}|{spec!r}"
+        occurrence = self._request_counts[key]
+        self._request_counts[key] += 1
+        return stable_stream_id(f"{key}#{occurrence}")
 
     def _extra(self) -> dict:
         return {"global_steps": self.global_steps}
@@ -283,6 +301,10 @@ class HFRolloutServer:
             generator=self.generator,
             should_abort=lambda: self._abort,
             row_keys=self._row_keys(batch),
+            # full_determinism: every forward has the same shape, so a request's log-probs do not
+            # depend on which requests it was batched with (see generate_batch)
+            pad_to=self.config.prompt_length if self.config.full_determinism else 0,
+            chunk_rows=self.options["deterministic_chunk_rows"] if self.config.full_determinism else 0,
         )
         self.stats["batches"] += 1
         self.stats["sequences"] += len(batch)

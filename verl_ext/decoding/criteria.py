@@ -19,6 +19,11 @@ criterion is a score s and a direction; the gate fires where s > τ ("above") or
 Only `delta_logp` and `random` depend on the proposed token or a draw; every other score is a
 function of the prefix alone. None depends on earlier gate decisions, which is what makes the
 speculative mode exact (see `engine.py`).
+
+`reads` says which models' distributions a score looks at. A gate that reads only the proposing
+model (e.g. `entropy_base` with π_B proposing, `random`, `none`, `all`) is decided while drafting,
+before the other model has run; `gate_reads` accounts for the top-k approximation, whose view of
+π_RL is taken on π_B's top-k ids and so also reads π_B.
 """
 
 from __future__ import annotations
@@ -53,20 +58,23 @@ class Criterion:
     fires_when: str  # ABOVE | BELOW | NEVER | ALWAYS
     score: Callable[[GateInputs], torch.Tensor]
     uses_token: bool  # depends on ŷ (not only on the prefix)
+    reads: frozenset[str]  # the distributions the score looks at: a subset of {"base", "rl"}
 
+
+_BASE, _RL, _BOTH, _NEITHER = frozenset({"base"}), frozenset({"rl"}), frozenset({"base", "rl"}), frozenset()
 
 CRITERIA: dict[str, Criterion] = {
     c.name: c
     for c in (
-        Criterion("entropy_base", ABOVE, lambda x: entropy(x.logp_base), False),
-        Criterion("entropy_rl", ABOVE, lambda x: entropy(x.logp_rl), False),
-        Criterion("kl_rl_base", ABOVE, lambda x: kl_divergence(x.logp_rl, x.logp_base), False),
-        Criterion("kl_base_rl", ABOVE, lambda x: kl_divergence(x.logp_base, x.logp_rl), False),
-        Criterion("avg_kl", ABOVE, lambda x: averaged_kl(x.logp_base, x.logp_rl), False),
-        Criterion("delta_logp", BELOW, lambda x: x.delta_logp, True),
-        Criterion("random", BELOW, lambda x: x.u, False),
-        Criterion("none", NEVER, _nan, False),
-        Criterion("all", ALWAYS, _nan, False),
+        Criterion("entropy_base", ABOVE, lambda x: entropy(x.logp_base), False, _BASE),
+        Criterion("entropy_rl", ABOVE, lambda x: entropy(x.logp_rl), False, _RL),
+        Criterion("kl_rl_base", ABOVE, lambda x: kl_divergence(x.logp_rl, x.logp_base), False, _BOTH),
+        Criterion("kl_base_rl", ABOVE, lambda x: kl_divergence(x.logp_base, x.logp_rl), False, _BOTH),
+        Criterion("avg_kl", ABOVE, lambda x: averaged_kl(x.logp_base, x.logp_rl), False, _BOTH),
+        Criterion("delta_logp", BELOW, lambda x: x.delta_logp, True, _BOTH),
+        Criterion("random", BELOW, lambda x: x.u, False, _NEITHER),
+        Criterion("none", NEVER, _nan, False, _NEITHER),
+        Criterion("all", ALWAYS, _nan, False, _NEITHER),
     )
 }
 
@@ -77,6 +85,23 @@ def get_criterion(name: str) -> Criterion:
         return CRITERIA[name]
     except KeyError:
         raise ValueError(f"unknown criterion {name!r}; valid criteria: {', '.join(CRITERIA)}") from None
+
+
+def gate_reads(name: str, top_k_approximation: int = 0) -> frozenset[str]:
+    """The models whose distributions the gate of `name` looks at.
+
+    Under the top-k approximation π̃_RL lives on π_B's top-k ids (`sampler.base_top_k_view`), so a
+    score that reads π_RL reads π_B too; π̃_B needs π_B alone.
+    """
+    reads = get_criterion(name).reads
+    if top_k_approximation and "rl" in reads:
+        reads = reads | {"base"}
+    return reads
+
+
+def can_fire(name: str) -> bool:
+    """False only for `none`, whose gate never fires (the other model is then never needed)."""
+    return get_criterion(name).fires_when != NEVER
 
 
 def criterion_score(name: str, inputs: GateInputs) -> torch.Tensor:

@@ -3,21 +3,41 @@
 Decoding runs in rounds. In a round of length k every active sequence
 
 1. drafts k tokens with the proposing model (π_B in Alg. 1), one forward each, exactly as the
-   step-by-step loop would sample them: ŷ_{t+j} ~ p_prop(· | x, y_<t, ŷ_t..ŷ_{t+j−1}) with the
-   uniform of key (sequence, position t+j, proposal stream);
-2. lets the other model score all k positions in one forward pass;
-3. evaluates the gate at the k positions and cuts the round at the first *terminal* position j*
-   (gate fired, end-of-sequence proposed, or the length budget reached): ŷ_t..ŷ_{t+j*−1} are kept
-   and position t+j* emits ŷ_{t+j*}, or a token resampled from q where the gate fired there.
+   step-by-step loop would sample them: ŷ_{t+j} ~ p_prop(· | x, y_<t, d_t..d_{t+j−1}) with the
+   uniform of key (sequence, position t+j, proposal stream). The draft continues with d_{t+j} =
+   ŷ_{t+j}, except where the gate reads the proposer alone (`criteria.gate_reads`: entropy of the
+   proposer, random, all) and fired at t+j: there the emitted token will be y ~ q, unknown until the
+   other model runs, and the draft continues with a stand-in (`sampler.guess_resample`: q's draw
+   with the other model replaced by the proposer, same uniform as y);
+2. lets the other model (the scorer) process the k inputs in one forward pass: its log-probs at
+   all k positions when the gate needs them, else only at the fired positions (for a plain
+   lm_head the output projection runs there only). Criterion `none` never fires and needs no
+   scorer at all;
+3. evaluates the gate (unless decided while drafting), resamples y ~ q at every fired position and
+   emits e = ŷ, or y where the gate fired; the round is cut at the first position j* where e
+   differs from the drafted token d (only possible where the gate fired), e is end-of-sequence,
+   or the length budget is reached. e_t..e_{t+j*} are kept.
 
 Why this is exact. The gate at position t depends only on the prefix and on ŷ_t (never on earlier
 gate decisions), and every draw is a fixed function of its (sequence, position, stream) key
-(`rng.py`). For j < j* no gate fired, so the prefix the draft conditioned on *is* the prefix the
-step-by-step loop would have produced, and the loop would have drawn the same ŷ_{t+j} (same
-distribution, same uniform) and taken the same gate decision. At j* both emit the same token. So
-each round produces exactly the tokens of j*+1 loop steps; k = 1 *is* the step-by-step loop.
+(`rng.py`). For j < j* the emitted e_{t+j} equals the drafted d_{t+j}, so the prefix the draft
+conditioned on at t+j+1 *is* the prefix the step-by-step loop has produced; the loop would draw
+the same ŷ_{t+j+1} (same distribution, same uniform), take the same gate decision and, where it
+fires, draw the same y (same q, same uniform). This holds whatever d was where the gate fired: a
+stand-in that turned out equal to y leaves the prefix right, and one that did not is the cut. So
+each round produces exactly the tokens of j*+1 loop steps, for any k (k = 1 *is* the loop, and the
+draft length may change from round to round: `draft_len="auto"`).
 
-KV-cache rollback. Both models receive the same k inputs per round (pending token, ŷ_t..ŷ_{t+k−2}),
+Cost, and what the speculation buys. With the k-token scoring pass costing c_S(k) and one draft
+step c_P (forward and sampling), a round costs k·c_P + c_S(k) and a row gains E[min(G, k)] =
+(1 − (1−r)^k)/r tokens, r the per-position rate of cuts: r = (fire rate)·P(y ≠ d | fired). For a
+gate read from the scorer d = ŷ, and P(y = ŷ | fired) is small (for Δlog p < τ the scorer gave ŷ
+little mass), so with equal-size models and r ≈ 10% the ratio to single-model decoding is at most
+max_k E[min(G,k)]/(k + c_S(k)/c_P) ≈ 0.69 even when c_S(k) = c_P. For a proposer-only gate the
+stand-in usually equals y when π_B and π_RL are close, r is far below the fire rate, and long
+drafts pay.
+
+KV-cache rollback. Both models receive the same k inputs per round (pending token, d_t..d_{t+k−2}),
 so one attention mask describes both caches. Rejected columns stay in the caches but are masked
 out (holes); position ids count only kept tokens, so RoPE positions stay contiguous. Caches are
 re-packed (kept columns right-aligned, fully empty leading columns dropped) when holes pile up.
@@ -33,6 +53,7 @@ a sequence ran in: each sequence has its own random stream.
 from __future__ import annotations
 
 import math
+import time
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 
@@ -41,7 +62,16 @@ import torch.nn.functional as F
 from transformers import DynamicCache
 
 from verl_ext.decoding import rng
-from verl_ext.decoding.sampler import DecodingRule, evaluate_gate, propose, resample
+from verl_ext.decoding.criteria import can_fire
+from verl_ext.decoding.sampler import (
+    DecodingRule,
+    evaluate_gate,
+    evaluate_gate_on_proposer,
+    gate_reads_proposer_only,
+    guess_resample,
+    propose,
+    resample,
+)
 from verl_ext.distributions import log_softmax
 
 
@@ -71,12 +101,20 @@ class DecodeResult:
 @dataclass
 class EngineStats:
     rounds: int = 0
+    row_rounds: int = 0  # Σ over rounds of the active rows: tokens / row_rounds = tokens a row gains a round
     proposer_forwards: int = 0
     scorer_forwards: int = 0
     prefill_forwards: int = 0
     tokens: int = 0
     fired: int = 0
+    mismatches: int = 0  # rounds of a row cut where a resample differed from the draft
+    checked: int = 0  # positions that could have cut a round (all kept ones but a round's last)
     compactions: int = 0
+
+
+# Architectures whose causal-LM logits are exactly lm_head(final hidden state): no soft-capping or
+# logit scaling, so the scorer may project only the positions it needs.
+_PLAIN_LM_HEAD = frozenset({"qwen2", "qwen3", "qwen2_moe", "qwen3_moe", "llama", "mistral"})
 
 
 def replace_ratio(results: Iterable[DecodeResult]) -> float:
@@ -190,6 +228,153 @@ class _Batch:
         )
 
 
+@dataclass
+class _Draft:
+    """What the proposer produced in one round of k positions (B rows)."""
+
+    inputs: torch.Tensor  # [B, k] tokens fed to both models: pending, d_0 .. d_{k-2}
+    drafted: torch.Tensor  # [B, k] d_j, the token the draft continued with after position j
+    proposal: torch.Tensor  # [B, k] ŷ_j ~ p_prop
+    logp: list[torch.Tensor]  # k × [B, V] the proposer's log-probs at each position
+    mask: torch.Tensor  # [B, L + k] attention mask including the round's k columns
+    score: torch.Tensor | None  # [B, k] gate score, when the gate reads only the proposer
+    fired: torch.Tensor | None  # [B, k]
+
+
+@dataclass
+class _Verdict:
+    """The gate at the round's positions and, at the N fired ones (row-major), both log-probs."""
+
+    score: torch.Tensor  # [B, k]
+    fired: torch.Tensor  # [B, k] bool
+    logp_base: torch.Tensor | None  # [N, V]
+    logp_rl: torch.Tensor | None  # [N, V]
+
+
+@dataclass
+class _Settled:
+    emitted: torch.Tensor  # [B, k] e_j: ŷ_j, or y_j ~ q where the gate fired
+    cut: torch.Tensor  # [B] j*, the last position kept
+    mismatch_at_cut: torch.Tensor  # [B] the round stopped because e_{j*} differs from the draft
+
+
+def _take(per_col: list[torch.Tensor], rows: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
+    """out[i] = per_col[cols[i]][rows[i]], `[N, V]`, without stacking all k columns (k·B·V floats)."""
+    out = per_col[0].new_empty((rows.numel(), per_col[0].shape[-1]))
+    for j, t in enumerate(per_col):
+        sel = (cols == j).nonzero(as_tuple=True)[0]
+        if sel.numel():
+            out[sel] = t[rows[sel]]
+    return out
+
+
+class _Clock:
+    """Wall-clock laps for the adaptive draft length; synchronises a GPU first so its queued work
+    counts. Disabled (no syncs, laps of 0) when the draft length is fixed."""
+
+    def __init__(self, device: torch.device, enabled: bool):
+        self.cuda, self.enabled = device.type == "cuda", enabled
+        self.t = self._now() if enabled else 0.0
+
+    def _now(self) -> float:
+        if self.cuda:
+            torch.cuda.synchronize()
+        return time.perf_counter()
+
+    def lap(self) -> float:
+        if not self.enabled:
+            return 0.0
+        now = self._now()
+        lap, self.t = now - self.t, now
+        return lap
+
+
+def expected_tokens(stop_rate: float, k: int) -> float:
+    """Tokens a row gains in a round of k positions when each position stops it with probability r.
+
+    The round keeps positions up to and including the first stop (or all k): E[min(G, k)] with G
+    geometric on {1, 2, ...}, = Σ_{j<k} (1−r)^j = (1 − (1−r)^k)/r  (= k at r = 0).
+    """
+    if stop_rate <= 0:
+        return float(k)
+    if stop_rate >= 1:
+        return 1.0
+    # 1 − (1−r)^k = −expm1(k·log1p(−r)): no cancellation for tiny r
+    return -math.expm1(k * math.log1p(-stop_rate)) / stop_rate
+
+
+class AdaptiveDraftLen:
+    """Picks k per round to maximise the tokens a row gains per second of decoding.
+
+    For a k already used the rate is measured: g(k)/T(k), weighted means over the rounds of that k
+    of the tokens a row kept and of the round's seconds (this sees every cost, including rows that
+    fall behind the batch). For an untried k it is predicted, E_r[min(G, k)] / (k·d + s(k)):
+    r = rate at which a checked position stops a row (a fired position whose resample differs from
+    the draft), weighted over rounds with a prior of `prior_rate` worth `prior_positions`
+    positions; d = seconds per draft step; s(k) = the rest of a round (scoring forward, gate,
+    resample, bookkeeping), on the least-squares line through the tried k (flat while only one
+    was tried). Every `explore_every`-th round uses a neighbour of the best k, so the rates around
+    the optimum stay measured as r and the costs drift. k only changes speed, never the tokens
+    (every round is exact for any k).
+    """
+
+    def __init__(self, max_len: int, *, start: int = 4, decay: float = 0.9, explore_every: int = 6,
+                 prior_rate: float = 0.1, prior_positions: float = 20.0):
+        self.max_len, self.start = max_len, min(start, max_len)
+        self.decay, self.explore_every = decay, explore_every
+        self.stops, self.checked = prior_rate * prior_positions, prior_positions
+        self.draft_step: float | None = None
+        self.rest: dict[int, float] = {}
+        self.gain: dict[int, float] = {}
+        self.seconds: dict[int, float] = {}
+        self.rounds = 0
+
+    @property
+    def stop_rate(self) -> float:
+        return self.stops / self.checked
+
+    def _ema(self, old: float | None, new: float) -> float:
+        return new if old is None else self.decay * old + (1 - self.decay) * new
+
+    def _rest_time(self, k: int) -> float:
+        if k in self.rest:
+            return self.rest[k]
+        ks = torch.tensor(list(self.rest), dtype=torch.float64)
+        ts = torch.tensor(list(self.rest.values()), dtype=torch.float64)
+        if len(ks) < 2:
+            return float(ts[0])
+        slope = float(((ks - ks.mean()) * (ts - ts.mean())).sum() / ((ks - ks.mean()) ** 2).sum())
+        return max(float(ts.mean()) + max(slope, 0.0) * (k - float(ks.mean())), 1e-9)
+
+    def predicted_tokens_per_second(self, k: int) -> float:
+        return expected_tokens(self.stop_rate, k) / (k * self.draft_step + self._rest_time(k))
+
+    def tokens_per_second(self, k: int) -> float:
+        if k in self.seconds:
+            return self.gain[k] / max(self.seconds[k], 1e-12)
+        return self.predicted_tokens_per_second(k)
+
+    def choose(self) -> int:
+        if self.draft_step is None:
+            return self.start
+        self.rounds += 1
+        best = max(range(1, self.max_len + 1), key=self.tokens_per_second)
+        if self.rounds % self.explore_every == 0 and self.max_len > 1:
+            step = 1 if (self.rounds // self.explore_every) % 2 else -1  # alternate sides
+            best = best + step if 1 <= best + step <= self.max_len else best - step
+        return best
+
+    def observe(self, k: int, stops: int, checked: int, gain: float, t_draft: float, t_rest: float) -> None:
+        """One round of k: `stops` rows cut by a mismatch among `checked` positions that could stop
+        a row, `gain` tokens kept per row, its draft and remaining seconds."""
+        self.stops = self.decay * self.stops + stops
+        self.checked = self.decay * self.checked + checked
+        self.draft_step = self._ema(self.draft_step, t_draft / k)
+        self.rest[k] = self._ema(self.rest.get(k), t_rest)
+        self.gain[k] = self._ema(self.gain.get(k), gain)
+        self.seconds[k] = self._ema(self.seconds.get(k), t_draft + t_rest)
+
+
 # ----------------------------------------------------------------------------- engine
 
 
@@ -199,7 +384,8 @@ class TwoModelDecoder:
     base, rl: causal LMs (transformers) on the same device. `rl=None` runs single-model sampling
     from `base` (criterion must be "none"): the baseline of the benchmark.
     rule: the `DecodingRule` (criterion, τ, replace/extrapolate, γ, proposer, T, top-p, top-k approx).
-    draft_len: k of the speculative rounds; 1 = the step-by-step loop.
+    draft_len: k of the speculative rounds; 1 = the step-by-step loop; "auto" = chosen every round
+    in [1, max_draft_len] from the measured stop rate and costs (`AdaptiveDraftLen`).
     max_batch_size: active sequences at most; new prompts are admitted when at least
     `admit_min` slots are free (default a quarter of the batch) or the batch is empty.
     """
@@ -214,27 +400,37 @@ class TwoModelDecoder:
         pad_token_id: int,
         max_new_tokens: int,
         seed: int = 0,
-        draft_len: int = 1,
+        draft_len: int | str = 1,
+        max_draft_len: int = 8,
         max_batch_size: int = 32,
         admit_min: int | None = None,
         compact_slack: float = 0.5,
     ):
         if rl is None and rule.criterion != "none":
             raise ValueError("single-model decoding (rl=None) needs criterion 'none'")
-        if draft_len < 1:
-            raise ValueError(f"draft_len must be >= 1, got {draft_len}")
+        if draft_len == "auto":
+            if max_draft_len < 1:
+                raise ValueError(f"max_draft_len must be >= 1, got {max_draft_len}")
+            self.adaptive, self.draft_len = AdaptiveDraftLen(max_draft_len), max_draft_len
+        elif isinstance(draft_len, int) and draft_len >= 1:
+            self.adaptive, self.draft_len = None, draft_len
+        else:
+            raise ValueError(f"draft_len must be an int >= 1 or 'auto', got {draft_len!r}")
         if max_new_tokens < 1:
             raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
         self.base, self.rl, self.rule = base, rl, rule
         swap = rl is not None and rule.propose_from == "rl"
         self.proposer, self.scorer = (rl, base) if swap else (base, rl)
+        if not can_fire(rule.criterion):
+            self.scorer = None  # `none` never resamples: the tokens are the proposer's alone
+        # a gate read from the proposer alone is decided while drafting (see the module docstring)
+        self.early_gate = self.scorer is not None and gate_reads_proposer_only(rule)
         self.models = [m for m in (self.proposer, self.scorer) if m is not None]
         self.device = next(base.parameters()).device
         self.eos = torch.tensor(sorted(set(eos_token_ids)), dtype=torch.long, device=self.device)
         self.pad_token_id = pad_token_id
         self.max_new_tokens = max_new_tokens
         self.seed = seed
-        self.draft_len = draft_len
         self.max_batch_size = max_batch_size
         self.admit_min = admit_min if admit_min is not None else max(1, max_batch_size // 4)
         self.compact_slack = compact_slack
@@ -278,6 +474,24 @@ class TwoModelDecoder:
         )
         return out.logits
 
+    def _scorer_log_probs_at(self, cache, inputs, mask, position_ids, rows, cols) -> torch.Tensor:
+        """Extend the scorer's cache by the round's k inputs; its log-probs at (rows, cols) only, `[N, V]`.
+
+        For architectures whose logits are `lm_head(last hidden state)` the output projection (B·k·V
+        multiply-adds, as much as the whole body of a small model) runs on the N fired positions only.
+        """
+        if self.scorer.config.model_type not in _PLAIN_LM_HEAD:
+            logits = self._forward(self.scorer, cache, inputs, mask, position_ids, keep=inputs.shape[1])
+            return log_softmax(logits[rows, cols])
+        out = self.scorer.get_decoder()(
+            input_ids=inputs, attention_mask=mask, position_ids=position_ids, past_key_values=cache, use_cache=True,
+        )
+        return log_softmax(self.scorer.get_output_embeddings()(out.last_hidden_state[rows, cols]))
+
+    def _as_base_rl(self, logp_prop, logp_score):
+        """(log π_B, log π_RL) from (proposer's, scorer's) log-probs."""
+        return (logp_prop, logp_score) if self.proposer is self.base else (logp_score, logp_prop)
+
     def _prefill(self, reqs: list[Request], idx: list[int]) -> _Batch:
         """Cache every prompt token but the last (the pending token); left padding."""
         n = len(reqs)
@@ -296,7 +510,7 @@ class TwoModelDecoder:
             for m, c in zip(self.models, caches):
                 self._forward(m, c, ids, mask, pos, keep=1)
                 self.stats.prefill_forwards += 1
-        width = self.max_new_tokens + self.draft_len
+        width = self.max_new_tokens + self.draft_len  # a round may draft past the budget
         dev = self.device
         return _Batch(
             request_idx=list(idx),
@@ -312,72 +526,128 @@ class TwoModelDecoder:
         )
 
     def _round(self, b: _Batch) -> torch.Tensor:
-        """One round of k = min(draft_len, tokens left) positions; returns the rows that finished."""
-        rule, dev = self.rule, self.device
+        """One round of k = min(draft length, tokens left) positions; returns the rows that finished."""
         left = self.max_new_tokens - int(b.n_out.min().item())
-        k = max(1, min(self.draft_len, left))
-        steps = torch.arange(k, device=dev)
-        positions = b.n_out[:, None] + steps  # [B, k] response positions t..t+k-1
-        keys = b.keys[:, None]
+        k = max(1, min(self._draft_len_now(), left))
+        positions = b.n_out[:, None] + torch.arange(k, device=self.device)  # [B, k] positions t..t+k-1
+        u = {s: rng.uniforms(b.keys[:, None], positions, s) for s in range(rng.NUM_STREAMS)}
+        clock = _Clock(self.device, enabled=self.adaptive is not None)
+        draft = self._draft(b, k, u)
+        t_draft = clock.lap()
+        verdict = self._judge(b, draft, u)
+        settled = self._settle(draft, verdict, positions, u[rng.STREAM_RESAMPLE])
+        done = self._advance(b, verdict, settled, positions)
+        # a stop is only possible before the last position (nothing is drafted after it)
+        checked = int((settled.cut + 1).clamp(max=k - 1).sum().item())
+        stops = int(settled.mismatch_at_cut.sum().item())
+        self.stats.checked += checked
+        self.stats.mismatches += stops
+        if self.adaptive is not None:
+            gain = float((settled.cut + 1).double().mean().item())
+            self.adaptive.observe(k, stops, checked, gain, t_draft, clock.lap())
+        return done
 
-        # 1. draft k tokens with the proposer, exactly as the step loop samples them
-        u_prop = rng.uniforms(keys, positions, rng.STREAM_PROPOSAL)
-        proposer_cache = b.caches[0]
+    def _draft_len_now(self) -> int:
+        return self.adaptive.choose() if self.adaptive is not None else self.draft_len
+
+    def _draft(self, b: _Batch, k: int, u: dict[int, torch.Tensor]) -> _Draft:
+        """k proposer forwards, one token each, sampling ŷ_j as the step loop would (same uniform).
+
+        The draft continues with d_j = ŷ_j, except where a proposer-only gate fired at j: there the
+        emitted token will be a resample y_j ~ q, unknown until the other model has run, and the draft
+        continues with the stand-in `guess_resample` (same uniform as y_j, so usually y_j itself).
+        """
         mask, inp = b.mask, b.pending
-        one = torch.ones((b.size, 1), dtype=mask.dtype, device=dev)
-        drafts, draft_logp = [], []
+        one = torch.ones((b.size, 1), dtype=mask.dtype, device=self.device)
+        inputs, drafted, proposals, logps, scores, fired = [], [], [], [], [], []
         for j in range(k):
             mask = torch.cat([mask, one], dim=1)
-            logits = self._forward(self.proposer, proposer_cache, inp[:, None], mask, (b.n_valid + j)[:, None], keep=1)
+            inputs.append(inp)
+            logits = self._forward(self.proposer, b.caches[0], inp[:, None], mask, (b.n_valid + j)[:, None], keep=1)
             logp = log_softmax(logits[:, -1])
-            inp = propose(logp, u_prop[:, j], rule)
-            drafts.append(inp)
-            draft_logp.append(logp)
+            y_hat = propose(logp, u[rng.STREAM_PROPOSAL][:, j], self.rule)
+            inp = y_hat
+            if self.early_gate:
+                score, fire = evaluate_gate_on_proposer(logp, y_hat, u[rng.STREAM_GATE][:, j], self.rule)
+                rows = fire.nonzero(as_tuple=True)[0] if j < k - 1 else ()  # no draft after the last
+                if len(rows):
+                    inp = y_hat.clone()
+                    inp[rows] = guess_resample(logp[rows], u[rng.STREAM_RESAMPLE][rows, j], self.rule)
+                scores.append(score)
+                fired.append(fire)
+            drafted.append(inp)
+            proposals.append(y_hat)
+            logps.append(logp)
         self.stats.proposer_forwards += k
-        proposal = torch.stack(drafts, dim=1)  # [B, k]
+        stack = lambda xs: torch.stack(xs, dim=1) if xs else None
+        return _Draft(
+            inputs=stack(inputs), drafted=stack(drafted), proposal=stack(proposals), logp=logps, mask=mask,
+            score=stack(scores), fired=stack(fired),
+        )
 
-        # 2. score the k positions with the other model in one forward
-        if self.scorer is not None:
-            inputs = torch.cat([b.pending[:, None], proposal[:, :-1]], dim=1)
-            logits = self._forward(self.scorer, b.caches[1], inputs, mask, b.n_valid[:, None] + steps, keep=k)
-            self.stats.scorer_forwards += 1
-            logp_prop, logp_score = torch.stack(draft_logp, dim=1), log_softmax(logits)
-            logp_base, logp_rl = (logp_prop, logp_score) if self.proposer is self.base else (logp_score, logp_prop)
-            u_gate = rng.uniforms(keys, positions, rng.STREAM_GATE)
-            score, fired = evaluate_gate(
-                logp_base.flatten(0, 1), logp_rl.flatten(0, 1), proposal.flatten(), u_gate.flatten(), rule
-            )
-            score, fired = score.view(-1, k), fired.view(-1, k)
-        else:
-            score = torch.full(proposal.shape, float("nan"), dtype=torch.float32, device=dev)
-            fired = torch.zeros_like(proposal, dtype=torch.bool)
+    def _judge(self, b: _Batch, draft: _Draft, u: dict[int, torch.Tensor]) -> _Verdict:
+        """The gate at the k positions and both models' log-probs where it fired.
 
-        # 3. cut at the first terminal position j*: gate fired, EOS proposed, or budget reached
-        terminal = fired | torch.isin(proposal, self.eos) | (positions + 1 >= self.max_new_tokens)
-        cut = torch.where(terminal.any(1), terminal.to(torch.uint8).argmax(1), torch.full_like(b.n_out, k - 1))
-        final = proposal.gather(1, cut[:, None]).squeeze(1)
-        fired_at_cut = fired.gather(1, cut[:, None]).squeeze(1)
-        rows = fired_at_cut.nonzero(as_tuple=True)[0]
+        Three cases: no scorer (criterion `none`, or single-model decoding) -> nothing fires; a gate
+        read from the proposer alone was decided while drafting, and the scorer only has to extend its
+        cache and give log-probs at the fired positions; otherwise the scorer's log-probs at all k
+        positions enter the gate.
+        """
+        k = draft.proposal.shape[1]
+        pos_ids = b.n_valid[:, None] + torch.arange(k, device=self.device)
+        if self.scorer is None:
+            score = torch.full(draft.proposal.shape, float("nan"), dtype=torch.float32, device=self.device)
+            return _Verdict(score, torch.zeros_like(draft.proposal, dtype=torch.bool), None, None)
+        self.stats.scorer_forwards += 1
+        if self.early_gate:
+            rows, cols = draft.fired.nonzero(as_tuple=True)
+            logp_score = self._scorer_log_probs_at(b.caches[1], draft.inputs, draft.mask, pos_ids, rows, cols)
+            logp_prop = _take(draft.logp, rows, cols)
+            return _Verdict(draft.score, draft.fired, *self._as_base_rl(logp_prop, logp_score))
+        logits = self._forward(self.scorer, b.caches[1], draft.inputs, draft.mask, pos_ids, keep=k)
+        logp_base, logp_rl = self._as_base_rl(torch.stack(draft.logp, dim=1), log_softmax(logits))
+        score, fired = evaluate_gate(
+            logp_base.flatten(0, 1), logp_rl.flatten(0, 1), draft.proposal.flatten(),
+            u[rng.STREAM_GATE].flatten(), self.rule,
+        )
+        fired = fired.view(-1, k)
+        rows, cols = fired.nonzero(as_tuple=True)
+        return _Verdict(score.view(-1, k), fired, logp_base[rows, cols], logp_rl[rows, cols])
+
+    def _settle(self, draft: _Draft, verdict: _Verdict, positions: torch.Tensor, u_res: torch.Tensor) -> _Settled:
+        """Emitted tokens e_j (ŷ_j, or y_j ~ q where the gate fired) and the cut j*.
+
+        j* is the first position whose emitted token is not the token the draft continued with (only
+        possible where the gate fired), is an end-of-sequence token, or uses up the length budget.
+        Positions after a fired j with y_j = d_j stay valid: their prefix is the step loop's prefix.
+        """
+        emitted = draft.proposal.clone()
+        rows, cols = verdict.fired.nonzero(as_tuple=True)
         if rows.numel():
-            j = cut[rows]
-            u_res = rng.uniforms(b.keys[rows], positions[rows, j], rng.STREAM_RESAMPLE)
-            final[rows] = resample(logp_base[rows, j], logp_rl[rows, j], u_res, rule)
-        tokens = proposal.scatter(1, cut[:, None], final[:, None])
-        kept = steps[None, :] <= cut[:, None]  # [B, k]
+            emitted[rows, cols] = resample(verdict.logp_base, verdict.logp_rl, u_res[rows, cols], self.rule)
+        mismatch = emitted != draft.drafted
+        mismatch[:, -1] = False  # nothing was drafted after the last position
+        terminal = mismatch | torch.isin(emitted, self.eos) | (positions + 1 >= self.max_new_tokens)
+        k = emitted.shape[1]
+        cut = torch.where(terminal.any(1), terminal.to(torch.uint8).argmax(1), torch.full_like(positions[:, 0], k - 1))
+        return _Settled(emitted, cut, mismatch.gather(1, cut[:, None]).squeeze(1))
 
-        # 4. record, advance, roll back the rejected cache columns (mask them out)
-        cols = positions
-        b.tokens.scatter_(1, cols, tokens)
-        b.fired.scatter_(1, cols, fired & kept)
-        b.scores.scatter_(1, cols, score.to(b.scores.dtype))
+    def _advance(self, b: _Batch, verdict: _Verdict, settled: _Settled, positions: torch.Tensor) -> torch.Tensor:
+        """Record positions ≤ j*, mask the rejected cache columns out, move the pending token."""
+        k, cut = positions.shape[1], settled.cut
+        kept = torch.arange(k, device=self.device)[None, :] <= cut[:, None]  # [B, k]
+        b.tokens.scatter_(1, positions, settled.emitted)
+        b.fired.scatter_(1, positions, verdict.fired & kept)
+        b.scores.scatter_(1, positions, verdict.score.to(b.scores.dtype))
         b.mask = torch.cat([b.mask, kept.to(b.mask.dtype)], dim=1)
         b.n_valid = b.n_valid + cut + 1
         b.n_out = b.n_out + cut + 1
-        b.pending = final
+        b.pending = settled.emitted.gather(1, cut[:, None]).squeeze(1)
         self.stats.rounds += 1
+        self.stats.row_rounds += b.size
         self.stats.tokens += int(kept.sum().item())
-        self.stats.fired += int((fired & kept).sum().item())
-        return torch.isin(final, self.eos) | (b.n_out >= self.max_new_tokens)
+        self.stats.fired += int((verdict.fired & kept).sum().item())
+        return torch.isin(b.pending, self.eos) | (b.n_out >= self.max_new_tokens)
 
     def _finished(self, b: _Batch, done: torch.Tensor) -> Iterator[tuple[int, DecodeResult]]:
         rows = done.nonzero(as_tuple=True)[0]

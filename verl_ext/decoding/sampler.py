@@ -29,7 +29,7 @@ from dataclasses import dataclass
 
 import torch
 
-from verl_ext.decoding.criteria import GateInputs, criterion_score, gate, get_criterion
+from verl_ext.decoding.criteria import GateInputs, criterion_score, gate, gate_reads, get_criterion
 from verl_ext.distributions import extrapolated_log_softmax, log_softmax, top_p_log_softmax
 
 ACTIONS = ("replace", "extrapolate")
@@ -175,6 +175,22 @@ def evaluate_gate(
     return score, gate(rule.criterion, score, rule.threshold)
 
 
+def gate_reads_proposer_only(rule: DecodingRule) -> bool:
+    """True when the gate looks at no model but the proposing one (`criteria.gate_reads`): it can
+    then be decided while drafting, before the other model has run."""
+    return gate_reads(rule.criterion, rule.base_top_k_approximation) <= {rule.propose_from}
+
+
+def evaluate_gate_on_proposer(
+    logp_prop: torch.Tensor, proposal: torch.Tensor, u_gate: torch.Tensor, rule: DecodingRule
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """`evaluate_gate` for a gate that reads only the proposer: the other model's argument is never
+    looked at (checked), so the proposer's log-probs stand in for it and (s, g) are the same."""
+    if not gate_reads_proposer_only(rule):
+        raise ValueError(f"criterion {rule.criterion!r} reads the other model; use evaluate_gate")
+    return evaluate_gate(logp_prop, logp_prop, proposal, u_gate, rule)
+
+
 def resample(logp_base: torch.Tensor, logp_rl: torch.Tensor, u_resample: torch.Tensor, rule: DecodingRule):
     """Step 3: y ~ q = nucleus_top_p(softmax(log q₀ / T)), q₀ = π_RL or π_Extra(γ) (Eq. 7), `[N]`."""
     k = rule.base_top_k_approximation
@@ -185,6 +201,19 @@ def resample(logp_base: torch.Tensor, logp_rl: torch.Tensor, u_resample: torch.T
         return view.ids.gather(-1, pick.unsqueeze(-1)).squeeze(-1)
     q0 = extrapolated_log_softmax(logp_rl, logp_base, rule.resample_gamma)
     return sample_from_log_probs(sampling_log_probs(q0, rule.temperature, rule.top_p), u_resample)
+
+
+def guess_resample(logp_prop: torch.Tensor, u_resample: torch.Tensor, rule: DecodingRule) -> torch.Tensor:
+    """A stand-in for y ~ q before the other model has run, `[N]`.
+
+    It is `resample` with the other model's distribution replaced by the proposer's (so q₀ = π_prop:
+    Eq. 7 with π_RL = π_B gives π_B) and the *same* uniform u_resample. The stand-in never becomes
+    an emitted token: a draft continues with it after a fired position and the continuation is kept
+    only where the real draw y equals it. Both draws invert CDFs taken in the same token order with
+    the same u, so they agree unless the two CDFs differ around u: with q close to π_prop they
+    mostly do.
+    """
+    return resample(logp_prop, logp_prop, u_resample, rule)
 
 
 def gate_and_resample(

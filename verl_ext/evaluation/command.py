@@ -7,7 +7,8 @@
 
 `mode=auto` grades when `generations` is set and generates otherwise. Outputs under
 `output_dir`: generations.jsonl (mode generate), per_problem.jsonl, results.json, results.md;
-to wandb as well when WANDB_MODE or WANDB_API_KEY is set.
+to wandb as well when WANDB_MODE or WANDB_API_KEY is set (`verl_ext.wandb_logging`: the training's
+project and group by default).
 """
 
 from __future__ import annotations
@@ -23,10 +24,10 @@ from verl_ext.evaluation.report import (
     group_by_problem,
     log_to_wandb,
     markdown_table,
-    wandb_enabled,
     write_jsonl,
     write_results,
 )
+from verl_ext.wandb_logging import start_run, wandb_enabled
 
 REPO = Path(__file__).resolve().parents[2]
 MODES = ("auto", "grade", "generate")
@@ -155,6 +156,7 @@ def run(cfg: DictConfig) -> dict:
     from verl_ext.reward import configure_grader
 
     mode = resolve_mode(cfg)
+    wandb_enabled(cfg.wandb.enable)  # a bad setting fails now, not after generating and grading
     output_dir = Path(cfg.output_dir)
     if mode == "generate":
         records = generate_records(cfg)
@@ -170,8 +172,10 @@ def run(cfg: DictConfig) -> dict:
     paths = write_results(output_dir, problems, table, length_unit, settings)
     print(markdown_table(table, length_unit), end="")
     print(f"[evaluate] results: {paths['markdown']}, {paths['json']}, {paths['per_problem']}")
-    if wandb_enabled():
-        log_to_wandb(table, settings, cfg.wandb.project, cfg.wandb.name)
+    run_ = start_run(cfg.wandb, default_name=f"evaluate-{output_dir.name}", config=settings, out_dir=output_dir,
+                     job_type="eval")
+    if run_ is not None:
+        log_to_wandb(run_, table)
     return {"table": table, "paths": paths, "problems": problems, "mode": mode}
 
 

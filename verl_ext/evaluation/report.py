@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 from collections import defaultdict
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -147,15 +146,11 @@ def write_results(output_dir: Path, problems: list[ProblemResult], table: dict[s
     return paths
 
 
-def wandb_enabled() -> bool:
-    """Log to wandb only when the user configured it (WANDB_MODE or WANDB_API_KEY set)."""
-    return bool(os.environ.get("WANDB_MODE") or os.environ.get("WANDB_API_KEY"))
-
-
-def log_to_wandb(table: dict[str, dict], settings: dict, project: str, name: str | None) -> None:
+def log_to_wandb(run, table: dict[str, dict]) -> None:
+    """Log the per-dataset table to a started wandb run (`verl_ext.wandb_logging.start_run`) and finish it:
+    every number as `eval/<dataset>/<metric>`, and the whole table as `eval/table`."""
     import wandb
 
-    run = wandb.init(project=project, name=name, config=settings, job_type="eval")
     try:
         metrics = {f"eval/{source}/{key}": value for source, row in table.items() for key, value in row.items()
                    if isinstance(value, (int, float))}

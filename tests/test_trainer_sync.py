@@ -1,0 +1,58 @@
+"""verl_ext.trainer: verl's synchronous semantics under our trainer name, and timing-independent batches."""
+
+from __future__ import annotations
+
+import random
+
+from verl.trainer.ppo.v1.replay_buffer import ReplayBuffer
+
+from verl_ext.trainer import DapoReweightTrainer, OrderedReplayBuffer, canonical_order
+
+
+def test_trainer_reports_sync_mode_under_its_registered_name():
+    """verl picks its async replay buffer, gen_batch_size override and TransferQueue checkpoints for
+    any trainer_mode but "sync"; the registered name is kept aside."""
+    trainer = object.__new__(DapoReweightTrainer)
+    trainer.trainer_mode = "dapo_reweight"  # what verl's __init__ assigns from the config
+    assert trainer.trainer_mode == "sync" and trainer.registered_trainer_mode == "dapo_reweight"
+
+
+def test_canonical_order_groups_by_prompt_then_orders_by_response():
+    # rows of two prompts, sessions arriving in a scrambled order; equal responses tie-break by key
+    rows = [
+        ("u2_0_0", [5, 6], [1, 2]), ("u1_1_0", [3], [9]), ("u1_0_0", [3], [4, 4]),
+        ("u2_1_0", [5, 6], [1]), ("u1_2_0", [3], [4, 4]), ("u2_2_0", [5, 6], [0, 7]),
+    ]
+    expected = ["u1_0_0", "u1_2_0", "u1_1_0", "u2_2_0", "u2_1_0", "u2_0_0"]
+    for seed in range(5):
+        shuffled = random.Random(seed).sample(rows, len(rows))
+        keys, prompts, responses = (list(col) for col in zip(*shuffled))
+        assert [keys[i] for i in canonical_order(keys, prompts, responses)] == expected
+
+
+def test_ordered_buffer_selects_oldest_step_then_lowest_uid():
+    buffer = object.__new__(OrderedReplayBuffer)
+    assert isinstance(buffer, ReplayBuffer)
+    buffer.partitions = {"train": {}}
+    buffer.prompt_global_steps = {"train": {"000000000007": 3, "000000000002": 4, "000000000009": 3, "000000000001": 4}}
+    for _ in range(5):  # whatever the set's iteration order
+        keys = set(random.sample(sorted(buffer.prompt_global_steps["train"]), 4))
+        selected, _, _ = buffer._select_prompt_uids("train", keys, 3)
+        assert selected == ["000000000007", "000000000009", "000000000001"]
+
+
+def test_ordered_buffer_decides_only_when_nothing_is_in_flight(monkeypatch):
+    """Each metadata sync waits until no prompt is pending or running (polled every poll_interval)."""
+    snapshots = iter([({"a"}, set()), (set(), {"b"}), (set(), set())])
+    calls = []
+
+    def fake_sync(self):
+        pending, running = next(snapshots)
+        calls.append((pending, running))
+        self.pending_keys, self.running_keys = {"train": pending}, {"train": running}
+
+    monkeypatch.setattr(ReplayBuffer, "_sync_metadata_from_transfer_queue", fake_sync)
+    buffer = object.__new__(OrderedReplayBuffer)
+    buffer.poll_interval = 0.0
+    buffer._sync_metadata_from_transfer_queue()
+    assert len(calls) == 3 and buffer.pending_keys == {"train": set()} and buffer.running_keys == {"train": set()}
