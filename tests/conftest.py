@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 import re
+import sys
 from pathlib import Path
 
 import pytest
@@ -49,6 +50,15 @@ def wandb_offline_history(run_dir: str | Path) -> list[dict]:
         if record.WhichOneof("record_type") == "history":
             rows.append({item.key or "/".join(item.nested_key): json.loads(item.value_json) for item in record.history.item})
     return rows
+
+
+@pytest.fixture(autouse=True)
+def _fresh_wandb_settings():
+    """wandb reads WANDB_* once per process into a settings singleton: reset it after each test, so
+    one test's WANDB_DIR / WANDB_MODE / group never leaks into the next."""
+    yield
+    if "wandb" in sys.modules:
+        sys.modules["wandb"].teardown()
 
 
 @pytest.fixture

@@ -469,8 +469,8 @@ def test_full_determinism_gives_each_request_its_own_stream(ray_cluster, assets,
     v1_backward = run([*range(6, 12), *reversed(range(6))], "-det-d", same_id)
     for step in ("first", "second"):
         for i in range(6):  # prompt i is rows i and i + 6: a group of two identical requests
-            group = lambda outs: sorted([outs[step][i], outs[step][i + 6]])  # noqa: E731
-            assert group(v1_forward) == group(v1_backward), (step, i)
+            groups = [sorted([outs[step][i], outs[step][i + 6]]) for outs in (v1_forward, v1_backward)]
+            assert groups[0] == groups[1], (step, i)
     assert any(v1_forward["first"][i] != v1_forward["first"][i + 6] for i in range(6)), "identical requests, one stream"
     assert v1_forward["first"] != v1_forward["second"]
 

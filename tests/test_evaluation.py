@@ -224,12 +224,10 @@ def test_grade_logs_to_wandb_in_the_training_project(tmp_path, monkeypatch, read
     assert (run.project, run.group, run.name, run.job_type) == (
         recipe.trainer.project_name, "eval-test", "evaluate-graded", "eval")
     (run_dir,) = (tmp_path / "wandb").glob("offline-run-*")
-    history = read_wandb_history(run_dir)
-    numbers = {k: v for row in history for k, v in row.items() if k.startswith("eval/toy/")}
-    assert numbers == {f"eval/toy/{k}": pytest.approx(v) for k, v in table["toy"].items()
-                       if isinstance(v, (int, float))}
-    (logged,) = [row for row in history if "eval/table/path" in row]
-    data = json.loads((run_dir / "files" / logged["eval/table/path"]).read_text())
+    (row,) = read_wandb_history(run_dir)
+    assert {k: v for k, v in row.items() if k.startswith("eval/toy/")} == {
+        f"eval/toy/{k}": pytest.approx(v) for k, v in table["toy"].items() if isinstance(v, (int, float))}
+    data = json.loads((run_dir / "files" / row["eval/table/path"]).read_text())
     assert data["columns"] == ["dataset", *table["toy"]] and data["data"][0][0] == "toy"
 
 

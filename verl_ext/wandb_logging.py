@@ -58,7 +58,8 @@ def start_run(wandb_cfg: Mapping, *, default_name: str, config: dict, out_dir: P
 
     return wandb.init(
         project=wandb_cfg.get("project") or training_project(),
-        group=wandb_cfg.get("group") or None,  # None: wandb takes WANDB_RUN_GROUP, as for training
+        # read now, not by wandb: its settings singleton keeps the environment of the first run in the process
+        group=wandb_cfg.get("group") or os.environ.get("WANDB_RUN_GROUP") or None,
         name=wandb_cfg.get("name") or default_name,
         config=config,
         dir=os.environ.get("WANDB_DIR") or str(out_dir),

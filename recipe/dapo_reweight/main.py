@@ -143,9 +143,11 @@ def run_summary(config: DictConfig) -> str:
     ckpt_dir = os.path.abspath(config.trainer.default_local_dir)
     latest = find_latest_ckpt_path(ckpt_dir) if os.path.isdir(ckpt_dir) else None
     lines = [
-        f"[dapo_reweight] finished {config.trainer.experiment_name}: preset {config.get('preset_name')}, "
-        f"weighting {policy_loss.get('weighting', policy_loss.loss_mode)} (alpha {policy_loss.get('alpha')}), "
-        f"model {config.actor_rollout_ref.model.path}",
+        (
+            f"[dapo_reweight] finished {config.trainer.experiment_name}: preset {config.get('preset_name')}, "
+            f"weighting {policy_loss.get('weighting', policy_loss.loss_mode)} (alpha {policy_loss.get('alpha')}), "
+            f"model {config.actor_rollout_ref.model.path}"
+        ),
         f"  checkpoints: {ckpt_dir} (latest: {latest or 'none saved'})",
         f"  loggers: {', '.join(config.trainer.logger)} (project {config.trainer.project_name})",
     ]

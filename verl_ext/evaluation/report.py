@@ -154,9 +154,9 @@ def log_to_wandb(run, table: dict[str, dict]) -> None:
     try:
         metrics = {f"eval/{source}/{key}": value for source, row in table.items() for key, value in row.items()
                    if isinstance(value, (int, float))}
-        run.log(metrics)
         columns = ["dataset", *next(iter(table.values())).keys()]
-        run.log({"eval/table": wandb.Table(columns=columns,
-                                           data=[[s, *[str(v) for v in row.values()]] for s, row in table.items()])})
+        metrics["eval/table"] = wandb.Table(columns=columns,
+                                            data=[[s, *[str(v) for v in row.values()]] for s, row in table.items()])
+        run.log(metrics)  # one history row
     finally:
         run.finish()
