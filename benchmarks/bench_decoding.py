@@ -2,6 +2,7 @@
 
     python benchmarks/bench_decoding.py                       # small random Qwen2s on CPU
     python benchmarks/bench_decoding.py --hidden 512 --layers 8 --vocab 32000 --batch 32 --device cuda
+    python benchmarks/bench_decoding.py --coupling independent   # Alg. 1's fresh resample: same law, more cuts
 
 Same models, batch, prompts and lengths for every row (EOS is an id the models cannot emit, so
 every sequence runs the full length). Two criteria, each with τ calibrated on pilot runs to about
@@ -93,7 +94,7 @@ def wall_time(fn) -> float:
     return time.perf_counter() - t0
 
 
-def calibrated_rule(criterion, ratio, base, rl, reqs, common, top_p):
+def calibrated_rule(criterion, ratio, base, rl, reqs, common, top_p, coupling):
     """A rule of `criterion` firing at about `ratio` of the positions, and the pilot's scores.
 
     τ is first the ratio-quantile of the score along base-sampled sequences (gate never fires:
@@ -102,12 +103,13 @@ def calibrated_rule(criterion, ratio, base, rl, reqs, common, top_p):
     """
     below = criterion == "delta_logp"
     never = -float("inf") if below else float("inf")
-    pilot = TwoModelDecoder(base, rl, DecodingRule(criterion, never, top_p=top_p), **common)
+    pilot = TwoModelDecoder(base, rl, DecodingRule(criterion, never, top_p=top_p, coupling=coupling), **common)
     scores = torch.tensor([s for r in pilot.generate(reqs) for s in r.scores])
 
     def rule_at(fraction):
         q = min(max(fraction, 0.0), 1.0)
-        return DecodingRule(criterion, float(torch.quantile(scores, q if below else 1 - q)), top_p=top_p)
+        tau = float(torch.quantile(scores, q if below else 1 - q))
+        return DecodingRule(criterion, tau, top_p=top_p, coupling=coupling)
 
     measured = replace_ratio(TwoModelDecoder(base, rl, rule_at(ratio), **common).generate(reqs))
     return rule_at(ratio * ratio / max(measured, 1e-6)), scores
@@ -141,6 +143,8 @@ def main():
     p.add_argument("--noise", type=float, default=0.1, help="RL = base + noise·std·ε")
     p.add_argument("--logit-scale", type=float, default=4.0)
     p.add_argument("--top-p", type=float, default=0.7)
+    p.add_argument("--coupling", default="maximal", choices=["maximal", "independent"],
+                   help="how the resample is drawn (sampler.resample): same law, different stop rates")
     p.add_argument("--official-tokens", type=int, default=16,
                    help="tokens timed for the official cost model (its first tokens are its cheapest: "
                         "fewer than --new-tokens underestimates our speed-up)")
@@ -161,8 +165,8 @@ def main():
     common = {"eos_token_ids": eos, "pad_token_id": 0, "max_new_tokens": a.new_tokens, "max_batch_size": a.batch,
               "seed": a.seed}
 
-    rules = {"dlogp": calibrated_rule("delta_logp", a.ratio, base, rl, reqs, common, a.top_p)[0]}
-    rules["H_base"], entropies = calibrated_rule("entropy_base", a.ratio, base, rl, reqs, common, a.top_p)
+    rules = {"dlogp": calibrated_rule("delta_logp", a.ratio, base, rl, reqs, common, a.top_p, a.coupling)[0]}
+    rules["H_base"], entropies = calibrated_rule("entropy_base", a.ratio, base, rl, reqs, common, a.top_p, a.coupling)
     decoders = {"single": TwoModelDecoder(base, None, DecodingRule("none", 0.0, top_p=a.top_p), **common)}
     for crit, rule in rules.items():
         decoders[f"{crit} step"] = TwoModelDecoder(base, rl, rule, draft_len=1, **common)
@@ -194,7 +198,7 @@ def main():
                                          for t, s in zip(times[name], times["single"])) for name in fns}
 
     print(f"models: hidden={a.hidden} layers={a.layers} vocab={a.vocab} dtype={a.dtype} device={a.device} "
-          f"threads={a.threads}; batch={a.batch} requests={n_req} prompt={a.prompt_len} new={a.new_tokens}; "
+          f"threads={a.threads}; coupling={a.coupling}; batch={a.batch} requests={n_req} prompt={a.prompt_len} new={a.new_tokens}; "
           f"mean H(π_B) = {entropies.mean():.2f} nats (ln V = {torch.log(torch.tensor(float(a.vocab))):.2f}); "
           f"τ: Δlog p {rules['dlogp'].threshold:.3f}, H(π_B) {rules['H_base'].threshold:.3f}; "
           f"median of {a.repeats} repeats")

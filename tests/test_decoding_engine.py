@@ -117,11 +117,40 @@ def np_fires(name, s, tau):
     return s < tau if name in ("delta_logp", "random") else s > tau
 
 
+def np_resample(lb, lr, y_hat, u, rule):
+    """y ~ q where the gate fired on ŷ: a fresh inverse-CDF draw (independent), or ŷ kept with
+    probability min(1, q(ŷ)/p_F(ŷ)) and else a draw from (q − p_F)₊ (maximal)."""
+    k, gamma = rule.base_top_k_approximation, rule.resample_gamma
+    q = np.zeros(len(lb))
+    if k:
+        ids = np.argsort(-lb, kind="stable")[:k]
+        rl_ids = np.argsort(-lr, kind="stable")[:k]
+        b = lb[ids] - np.log(np.exp(lb[ids]).sum())
+        r = np.where(np.isin(ids, rl_ids), lr[ids], lr[rl_ids].min())
+        r = r - np.log(np.exp(r).sum())
+        q[ids] = np_nucleus(np_softmax(((1 + gamma) * r - gamma * b) / rule.temperature), rule.top_p)
+        delta = np.where(np.isin(np.arange(len(lb)), rl_ids), lr, lr[rl_ids].min()) - lb
+    else:
+        with np.errstate(divide="ignore"):
+            q0 = np.log(np_softmax((1 + gamma) * lr - gamma * lb))
+        q = np_nucleus(np_softmax(q0 / rule.temperature), rule.top_p)
+        delta = lr - lb
+    if rule.coupling == "independent":
+        return np_draw(q, u)
+    p = np_nucleus(np_softmax((lb if rule.propose_from == "base" else lr) / rule.temperature), rule.top_p)
+    if rule.criterion == "delta_logp":
+        p = p * (delta < rule.threshold)
+    p = p / p.sum()
+    accept = min(1.0, q[y_hat] / p[y_hat])
+    residual = np.clip(q - p, 0, None)
+    if u < accept or residual.sum() <= 0:
+        return y_hat
+    return np_draw(residual, (u - accept) / (1 - accept))
+
+
 def reference_decode(base, rl, prompt, stream_id, seed, rule, max_new):
     key = rng.sequence_keys(seed, torch.tensor([stream_id]))
     seq, tokens, fired, scores = list(prompt), [], [], []
-    k = rule.base_top_k_approximation
-    gamma = rule.gamma if rule.action == "extrapolate" else 0.0
     for t in range(max_new):
         with torch.no_grad():
             lb = torch.log_softmax(base(torch.tensor([seq])).logits[0, -1], -1).numpy()
@@ -129,21 +158,10 @@ def reference_decode(base, rl, prompt, stream_id, seed, rule, max_new):
         u0, ug, ur = (rng.uniforms(key, torch.tensor([t]), s).item() for s in range(3))
         prop = lb if rule.propose_from == "base" else lr
         y = np_draw(np_nucleus(np_softmax(prop / rule.temperature), rule.top_p), u0)
-        s = np_score(rule.criterion, lb, lr, y, ug, k)
+        s = np_score(rule.criterion, lb, lr, y, ug, rule.base_top_k_approximation)
         g = bool(np_fires(rule.criterion, s, rule.threshold))
         if g:
-            if k:
-                ids = np.argsort(-lb, kind="stable")[:k]
-                rl_ids = np.argsort(-lr, kind="stable")[:k]
-                b = lb[ids] - np.log(np.exp(lb[ids]).sum())
-                r = np.where(np.isin(ids, rl_ids), lr[ids], lr[rl_ids].min())
-                r = r - np.log(np.exp(r).sum())
-                q0 = np.log(np_softmax((1 + gamma) * r - gamma * b))
-                y = int(ids[np_draw(np_nucleus(np_softmax(q0 / rule.temperature), rule.top_p), ur)])
-            else:
-                with np.errstate(divide="ignore"):
-                    q0 = np.log(np_softmax((1 + gamma) * lr - gamma * lb))
-                y = np_draw(np_nucleus(np_softmax(q0 / rule.temperature), rule.top_p), ur)
+            y = np_resample(lb, lr, y, ur, rule)
         seq.append(y)
         tokens.append(y)
         fired.append(g)
@@ -177,6 +195,9 @@ RULES = {
     "entropy_rl-rl-proposal": DecodingRule("entropy_rl", 1.2, "extrapolate", gamma=0.3, propose_from="rl", top_p=0.9),
     "entropy_base-top5": DecodingRule("entropy_base", 1.0, top_p=0.8, base_top_k_approximation=5),
     "none": DecodingRule("none", 0.0, top_p=0.8),
+    "independent-coupling": DecodingRule("avg_kl", 0.8, top_p=0.9, coupling="independent"),
+    "official-top5-independent": DecodingRule("delta_logp", -0.3, "extrapolate", gamma=0.2, top_p=0.7,
+                                              base_top_k_approximation=5, coupling="independent"),
 }
 PROPOSER_ONLY = {"entropy_base", "random", "all-gamma0", "random-replace", "entropy_rl-rl-proposal",
                  "entropy_base-top5"}
@@ -222,7 +243,7 @@ def test_scorer_without_a_split_lm_head_gives_the_same_tokens(models, monkeypatc
 @pytest.mark.parametrize(
     "rule",
     [DecodingRule("all", 0.0, top_p=0.9), DecodingRule("avg_kl", -1.0, top_p=0.2)],
-    ids=["all: stand-in drafts", "avg_kl < 0 fires everywhere: d = ŷ"],
+    ids=["all", "avg_kl < 0 fires everywhere"],
 )
 def test_a_round_goes_on_past_fired_positions_whose_resample_equals_the_draft(rule):
     """Every position fires; a round still keeps several of them when y equals the drafted token,

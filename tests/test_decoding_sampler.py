@@ -20,7 +20,6 @@ from verl_ext.decoding.sampler import (
     evaluate_gate_on_proposer,
     gate_and_resample,
     gate_reads_proposer_only,
-    guess_resample,
     resample,
     sample_from_log_probs,
     two_stage_step,
@@ -223,30 +222,55 @@ def test_gate_on_the_proposer_refuses_criteria_that_read_the_other_model():
             evaluate_gate_on_proposer(lb, token, u, rule)
 
 
-def test_guess_resample_couples_with_the_resample_through_the_shared_uniform():
-    """Inverse-CDF draws from p and q with the same u agree exactly when u lands, for some token v,
-    in [max(F_p(v−1), F_q(v−1)), min(F_p(v), F_q(v))): P(agree) = Σ_v of that length (p = the
-    guess's law, q with π_RL := π_B). The empirical rate matches it; independent uniforms agree far
-    less often."""
-    g = torch.Generator().manual_seed(6)
-    n, v = 4000, 50
-    logits = torch.randn(n, v, generator=g, dtype=torch.float64) * 3
-    lb = torch.log_softmax(logits, -1)
-    lr = torch.log_softmax(logits + 0.15 * torch.randn(n, v, generator=g, dtype=torch.float64), -1)
-    u = torch.rand(n, generator=g, dtype=torch.float64)
-    for rule in (DecodingRule("all", 0.0, top_p=0.9), DecodingRule("all", 0.0, "extrapolate", gamma=0.7, top_p=0.8)):
-        gamma = rule.resample_gamma
-        p_agree = 0.0
-        for b_row, r_row in zip(lb.numpy(), lr.numpy()):
-            fp = np.cumsum(np_nucleus(np_softmax(b_row), rule.top_p))
-            fq = np.cumsum(np_nucleus(np_softmax((1 + gamma) * r_row - gamma * b_row), rule.top_p))
-            lo = np.maximum(np.append(0.0, fp[:-1]), np.append(0.0, fq[:-1]))
-            p_agree += np.clip(np.minimum(fp, fq) - lo, 0, None).sum() / n
-        y = resample(lb, lr, u, rule)
-        agree = (guess_resample(lb, u, rule) == y).double().mean().item()
-        independent = (guess_resample(lb, u.roll(1), rule) == y).double().mean().item()
-        assert abs(agree - p_agree) < 4 * math.sqrt(p_agree * (1 - p_agree) / n), (agree, p_agree)
-        assert agree > independent + 0.25, (agree, independent)
+def np_law_of_fired_proposal_and_q(lb, lr, rule):
+    """(p_F, q) with NumPy: p_F ∝ p_prop·g over tokens (g(v) = Δlog p(v) < τ for delta_logp, else 1)."""
+    lb, lr = np.log(np_softmax(lb)), np.log(np_softmax(lr))
+    p = np_nucleus(np_softmax((lb if rule.propose_from == "base" else lr) / rule.temperature), rule.top_p)
+    if rule.criterion == "delta_logp":
+        p = p * ((lr - lb) < rule.threshold)
+    gamma = rule.resample_gamma
+    q = np_nucleus(np_softmax(((1 + gamma) * lr - gamma * lb) / rule.temperature), rule.top_p)
+    return p / p.sum(), q
+
+
+@pytest.mark.parametrize(
+    "rule",
+    [
+        DecodingRule("random", 0.3, "extrapolate", gamma=0.5, top_p=0.9),
+        DecodingRule("delta_logp", -0.3, temperature=0.8, top_p=0.95),
+        DecodingRule("avg_kl", 0.0, propose_from="rl", top_p=1.0),
+    ],
+    ids=["random-extrapolate", "delta_logp", "rl-proposal"],
+)
+def test_maximal_coupling_draws_q_and_keeps_the_proposal_with_probability_one_minus_tv(rule):
+    """Given ŷ ~ p_F (the law of ŷ where the gate fired), y = resample(ŷ, u) has law q under both
+    couplings; y = ŷ with probability Σ min(p_F, q) = 1 − TV (maximal) or Σ p_F·q (independent)."""
+    n = 40_000
+    p_f, q = np_law_of_fired_proposal_and_q(LB, LR, rule)
+    gen = np.random.default_rng(5)
+    y_hat = torch.tensor(gen.choice(len(LB), size=n, p=p_f))
+    u = torch.tensor(gen.random(n))
+    lb = torch.log_softmax(torch.tensor(LB), -1).expand(n, -1)
+    lr = torch.log_softmax(torch.tensor(LR), -1).expand(n, -1)
+    keep = {"maximal": np.minimum(p_f, q).sum(), "independent": (p_f * q).sum()}
+    for coupling, p_keep in keep.items():
+        r = DecodingRule(**{**rule.__dict__, "coupling": coupling})
+        y = resample(lb, lr, y_hat, u, r)
+        assert_matches_law(y, q)
+        kept = (y == y_hat).double().mean().item()
+        assert abs(kept - p_keep) < 4 * math.sqrt(p_keep * (1 - p_keep) / n), (coupling, kept, p_keep)
+    assert keep["maximal"] >= keep["independent"]
+    if rule.criterion != "delta_logp":  # p_F = p_prop, which overlaps q far more than q's own mass on ŷ
+        assert keep["maximal"] > keep["independent"] + 0.1
+
+
+def test_maximal_coupling_keeps_every_proposal_when_q_equals_the_proposal_law():
+    """π_RL = π_B and a gate that ignores ŷ: p_F = q, so the resample never changes a token."""
+    lb = torch.log_softmax(torch.randn(500, 30, generator=torch.Generator().manual_seed(2), dtype=torch.float64), -1)
+    rule = DecodingRule("all", 0.0, top_p=0.8)
+    y_hat = sample_from_log_probs(torch.log(torch.tensor(np.stack([np_nucleus(np_softmax(r), 0.8) for r in lb.numpy()]))),
+                                  torch.rand(500, dtype=torch.float64))
+    assert torch.equal(resample(lb, lb, y_hat, torch.rand(500, dtype=torch.float64), rule), y_hat)
 
 
 def test_unknown_names_raise_with_valid_choices():
@@ -260,6 +284,8 @@ def test_unknown_names_raise_with_valid_choices():
         DecodingRule(action="replace", gamma=0.1)
     with pytest.raises(ValueError, match="top_p"):
         DecodingRule(top_p=0.0)
+    with pytest.raises(ValueError, match="unknown coupling 'optimal'; valid: maximal, independent"):
+        DecodingRule(coupling="optimal")
 
 
 # ----------------------------------------------------------------------------- sampling law
@@ -272,8 +298,9 @@ def test_unknown_names_raise_with_valid_choices():
         DecodingRule("delta_logp", -0.5, "extrapolate", gamma=0.5, temperature=0.8, top_p=0.95),
         DecodingRule("delta_logp", 0.2, "extrapolate", gamma=0.3, propose_from="rl", top_p=1.0),
         DecodingRule("random", 0.35, "extrapolate", gamma=1.0, temperature=1.3, top_p=0.9),
+        DecodingRule("delta_logp", -0.3, top_p=0.9, coupling="independent"),
     ],
-    ids=["replace", "extrapolate", "table1-rl-proposal", "random"],
+    ids=["replace", "extrapolate", "table1-rl-proposal", "random", "independent-coupling"],
 )
 def test_two_stage_sampler_follows_its_law(rule):
     out = draw_many(LB, LR, rule)
@@ -300,7 +327,8 @@ def test_limits_none_is_proposal_all_is_q_and_gamma0_is_replace():
     rl_draw = sample_from_log_probs(torch.log(torch.tensor(np_nucleus(np_softmax(LR), 0.7))).expand(500, -1), u[2])
     none = two_stage_step(lb, lr, *u, DecodingRule("none", 0.0))
     assert torch.equal(none.token, proposal) and not none.fired.any()
-    allx = two_stage_step(lb, lr, *u, DecodingRule("all", 0.0, "extrapolate", gamma=0.0))
+    # a fresh draw from q is π_RL sampling token for token (the maximal coupling has its law: see above)
+    allx = two_stage_step(lb, lr, *u, DecodingRule("all", 0.0, "extrapolate", gamma=0.0, coupling="independent"))
     assert torch.equal(allx.token, rl_draw) and allx.fired.all()
     rep = two_stage_step(lb, lr, *u, DecodingRule("delta_logp", -0.2))
     ext0 = two_stage_step(lb, lr, *u, DecodingRule("delta_logp", -0.2, "extrapolate", gamma=0.0))
@@ -321,7 +349,7 @@ def test_base_top_k_view_matches_hand_computation():
     rl_min = float(lr[0, 4])  # RL's smallest returned log-prob; token 0 is missing from RL's top-3
     r = np.array([rl_min, float(lr[0, 1]), float(lr[0, 2])])
     np.testing.assert_allclose(view.logp_rl[0].numpy(), r - np.log(np.exp(r).sum()))
-    rule = DecodingRule("delta_logp", 0.0, base_top_k_approximation=3, top_p=1.0)
+    rule = DecodingRule("delta_logp", 0.0, base_top_k_approximation=3, top_p=1.0, coupling="independent")
     u = torch.tensor([0.5], dtype=torch.float64)
     # proposal 0 is missing from RL's top-3: Δ = min returned RL log-prob − log π_B(0)
     out = gate_and_resample(lb, lr, torch.tensor([0]), u, torch.tensor([0.99], dtype=torch.float64), rule)

@@ -167,6 +167,19 @@ def test_resume_recomputes_only_missing_shards(swept, tmp_path, monkeypatch, cap
     pd.testing.assert_frame_equal(table(again), table(summary))
 
 
+def test_resume_refuses_shards_of_other_settings_but_not_of_other_speed_settings(swept, tmp_path):
+    src, summary, _ = swept
+    out = tmp_path / "copy"
+    shutil.copytree(src, out)
+    # the draft length changes speed only: the shards on disk are still this sweep's
+    pd.testing.assert_frame_equal(table(sweep.run(make_cfg(out, "decoding.draft_len=2"))), table(summary))
+    with pytest.raises(sweep.SweepError, match=r"other settings \(decoding: .*'coupling': 'maximal'.*"
+                                               r"'coupling': 'independent'.*delete .*runs to start over"):
+        sweep.run(make_cfg(out, "decoding.coupling=independent"))
+    with pytest.raises(sweep.SweepError, match="n_samples: 2 -> 3"):
+        sweep.run(make_cfg(out, "n_samples=3"))
+
+
 # ----------------------------------------------------------------------------- 3. the script
 
 

@@ -12,7 +12,7 @@ import pytest
 from omegaconf import OmegaConf
 
 from verl_ext.mini import claims
-from verl_ext.mini.pipeline import STAGES, PipelineError, Stages, compose, resolve_config
+from verl_ext.mini.pipeline import STAGES, PipelineError, Stages, compose, resolve_config, run_stage
 from verl_ext.mini.report import read_metrics
 
 REPO = Path(__file__).resolve().parents[1]
@@ -112,6 +112,16 @@ def test_redo_recomputes_the_stage_and_everything_after(tmp_path):
     assert all(stages.done(s) for s in STAGES)
     redo = Stages(tmp_path, ["analysis", "report"])
     assert [s for s in STAGES if not redo.done(s)] == ["analysis", "replacement", "extrapolation", "report"]
+    # a redone stage starts from an empty directory; a stage without a marker (crashed) keeps its files
+    (tmp_path / "replacement" / "runs").mkdir()
+    (tmp_path / "replacement" / "runs" / "shard-00000.parquet").write_text("old")
+    (tmp_path / "report" / "DONE.json").unlink()
+    (tmp_path / "report" / "partial").write_text("kept")
+    assert run_stage(redo, "replacement", lambda: {"y": 2}) == {"y": 2, "seconds": pytest.approx(0, abs=1)}
+    assert sorted(p.name for p in (tmp_path / "replacement").iterdir()) == ["DONE.json"]
+    run_stage(redo, "report", lambda: None)
+    assert (tmp_path / "report" / "partial").read_text() == "kept"
+    assert run_stage(redo, "base", lambda: 1 / 0) == {"x": 1}  # not redone: kept, not run
 
 
 def test_read_metrics_reads_verl_file_logger(tmp_path):

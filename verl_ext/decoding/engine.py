@@ -3,39 +3,36 @@
 Decoding runs in rounds. In a round of length k every active sequence
 
 1. drafts k tokens with the proposing model (π_B in Alg. 1), one forward each, exactly as the
-   step-by-step loop would sample them: ŷ_{t+j} ~ p_prop(· | x, y_<t, d_t..d_{t+j−1}) with the
-   uniform of key (sequence, position t+j, proposal stream). The draft continues with d_{t+j} =
-   ŷ_{t+j}, except where the gate reads the proposer alone (`criteria.gate_reads`: entropy of the
-   proposer, random, all) and fired at t+j: there the emitted token will be y ~ q, unknown until the
-   other model runs, and the draft continues with a stand-in (`sampler.guess_resample`: q's draw
-   with the other model replaced by the proposer, same uniform as y);
+   step-by-step loop would sample them: ŷ_{t+j} ~ p_prop(· | x, y_<t, ŷ_t..ŷ_{t+j−1}) with the
+   uniform of key (sequence, position t+j, proposal stream). Where the gate reads the proposer
+   alone (`criteria.gate_reads`: entropy of the proposer, random, all) it is decided here too;
 2. lets the other model (the scorer) process the k inputs in one forward pass: its log-probs at
    all k positions when the gate needs them, else only at the fired positions (for a plain
    lm_head the output projection runs there only). Criterion `none` never fires and needs no
    scorer at all;
 3. evaluates the gate (unless decided while drafting), resamples y ~ q at every fired position and
-   emits e = ŷ, or y where the gate fired; the round is cut at the first position j* where e
-   differs from the drafted token d (only possible where the gate fired), e is end-of-sequence,
-   or the length budget is reached. e_t..e_{t+j*} are kept.
+   emits e = ŷ, or y where the gate fired; the round is cut at the first position j* where e ≠ ŷ
+   (only possible where the gate fired), e is end-of-sequence, or the length budget is reached.
+   e_t..e_{t+j*} are kept.
 
 Why this is exact. The gate at position t depends only on the prefix and on ŷ_t (never on earlier
-gate decisions), and every draw is a fixed function of its (sequence, position, stream) key
-(`rng.py`). For j < j* the emitted e_{t+j} equals the drafted d_{t+j}, so the prefix the draft
-conditioned on at t+j+1 *is* the prefix the step-by-step loop has produced; the loop would draw
-the same ŷ_{t+j+1} (same distribution, same uniform), take the same gate decision and, where it
-fires, draw the same y (same q, same uniform). This holds whatever d was where the gate fired: a
-stand-in that turned out equal to y leaves the prefix right, and one that did not is the cut. So
-each round produces exactly the tokens of j*+1 loop steps, for any k (k = 1 *is* the loop, and the
-draft length may change from round to round: `draft_len="auto"`).
+gate decisions), and every draw is a fixed function of the prefix's distributions and of its
+(sequence, position, stream) key (`rng.py`). For j < j* the emitted e_{t+j} equals ŷ_{t+j}, so the
+prefix the draft conditioned on at t+j+1 *is* the prefix the step-by-step loop has produced; the
+loop would draw the same ŷ_{t+j+1} (same distribution, same uniform), take the same gate decision
+and, where it fires, draw the same y (same p_prop, q, ŷ and uniform). So each round produces
+exactly the tokens of j*+1 loop steps, for any k (k = 1 *is* the loop, and the draft length may
+change from round to round: `draft_len="auto"`).
 
 Cost, and what the speculation buys. With the k-token scoring pass costing c_S(k) and one draft
 step c_P (forward and sampling), a round costs k·c_P + c_S(k) and a row gains E[min(G, k)] =
-(1 − (1−r)^k)/r tokens, r the per-position rate of cuts: r = (fire rate)·P(y ≠ d | fired). For a
-gate read from the scorer d = ŷ, and P(y = ŷ | fired) is small (for Δlog p < τ the scorer gave ŷ
-little mass), so with equal-size models and r ≈ 10% the ratio to single-model decoding is at most
-max_k E[min(G,k)]/(k + c_S(k)/c_P) ≈ 0.69 even when c_S(k) = c_P. For a proposer-only gate the
-stand-in usually equals y when π_B and π_RL are close, r is far below the fire rate, and long
-drafts pay.
+(1 − (1−r)^k)/r tokens, r the per-position rate of cuts: r = (fire rate)·P(y ≠ ŷ | fired). The
+resample keeps y = ŷ with probability 1 − TV(p_F, q) (maximal coupling, `sampler.resample`), p_F
+the law of ŷ given that the gate fired. For gates that do not look at ŷ (entropies, KLs, random,
+all) p_F = p_prop, which is close to q when π_RL is close to π_B: r is far below the fire rate
+and long drafts pay. For Δlog p < τ, p_F sits on tokens the scorer gave little mass, y ≠ ŷ nearly
+always, and with equal-size models and r ≈ 10% the ratio to single-model decoding is at most
+max_k E[min(G,k)]/(k + c_S(k)/c_P) ≈ 0.69 even when c_S(k) = c_P.
 
 KV-cache rollback. Both models receive the same k inputs per round (pending token, d_t..d_{t+k−2}),
 so one attention mask describes both caches. Rejected columns stay in the caches but are masked
@@ -68,7 +65,6 @@ from verl_ext.decoding.sampler import (
     evaluate_gate,
     evaluate_gate_on_proposer,
     gate_reads_proposer_only,
-    guess_resample,
     propose,
     resample,
 )
@@ -232,8 +228,7 @@ class _Batch:
 class _Draft:
     """What the proposer produced in one round of k positions (B rows)."""
 
-    inputs: torch.Tensor  # [B, k] tokens fed to both models: pending, d_0 .. d_{k-2}
-    drafted: torch.Tensor  # [B, k] d_j, the token the draft continued with after position j
+    inputs: torch.Tensor  # [B, k] tokens fed to both models: pending, ŷ_0 .. ŷ_{k-2}
     proposal: torch.Tensor  # [B, k] ŷ_j ~ p_prop
     logp: list[torch.Tensor]  # k × [B, V] the proposer's log-probs at each position
     mask: torch.Tensor  # [B, L + k] attention mask including the round's k columns
@@ -255,7 +250,7 @@ class _Verdict:
 class _Settled:
     emitted: torch.Tensor  # [B, k] e_j: ŷ_j, or y_j ~ q where the gate fired
     cut: torch.Tensor  # [B] j*, the last position kept
-    mismatch_at_cut: torch.Tensor  # [B] the round stopped because e_{j*} differs from the draft
+    mismatch_at_cut: torch.Tensor  # [B] the round stopped because e_{j*} ≠ ŷ_{j*}
 
 
 def _take(per_col: list[torch.Tensor], rows: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
@@ -551,38 +546,28 @@ class TwoModelDecoder:
         return self.adaptive.choose() if self.adaptive is not None else self.draft_len
 
     def _draft(self, b: _Batch, k: int, u: dict[int, torch.Tensor]) -> _Draft:
-        """k proposer forwards, one token each, sampling ŷ_j as the step loop would (same uniform).
-
-        The draft continues with d_j = ŷ_j, except where a proposer-only gate fired at j: there the
-        emitted token will be a resample y_j ~ q, unknown until the other model has run, and the draft
-        continues with the stand-in `guess_resample` (same uniform as y_j, so usually y_j itself).
-        """
+        """k proposer forwards, one token each, sampling ŷ_j as the step loop would (same uniform);
+        a gate that reads only the proposer is decided on the way."""
         mask, inp = b.mask, b.pending
         one = torch.ones((b.size, 1), dtype=mask.dtype, device=self.device)
-        inputs, drafted, proposals, logps, scores, fired = [], [], [], [], [], []
+        inputs, proposals, logps, scores, fired = [], [], [], [], []
         for j in range(k):
             mask = torch.cat([mask, one], dim=1)
             inputs.append(inp)
             logits = self._forward(self.proposer, b.caches[0], inp[:, None], mask, (b.n_valid + j)[:, None], keep=1)
             logp = log_softmax(logits[:, -1])
-            y_hat = propose(logp, u[rng.STREAM_PROPOSAL][:, j], self.rule)
-            inp = y_hat
+            inp = propose(logp, u[rng.STREAM_PROPOSAL][:, j], self.rule)
             if self.early_gate:
-                score, fire = evaluate_gate_on_proposer(logp, y_hat, u[rng.STREAM_GATE][:, j], self.rule)
-                rows = fire.nonzero(as_tuple=True)[0] if j < k - 1 else ()  # no draft after the last
-                if len(rows):
-                    inp = y_hat.clone()
-                    inp[rows] = guess_resample(logp[rows], u[rng.STREAM_RESAMPLE][rows, j], self.rule)
+                score, fire = evaluate_gate_on_proposer(logp, inp, u[rng.STREAM_GATE][:, j], self.rule)
                 scores.append(score)
                 fired.append(fire)
-            drafted.append(inp)
-            proposals.append(y_hat)
+            proposals.append(inp)
             logps.append(logp)
         self.stats.proposer_forwards += k
         stack = lambda xs: torch.stack(xs, dim=1) if xs else None
         return _Draft(
-            inputs=stack(inputs), drafted=stack(drafted), proposal=stack(proposals), logp=logps, mask=mask,
-            score=stack(scores), fired=stack(fired),
+            inputs=stack(inputs), proposal=stack(proposals), logp=logps, mask=mask, score=stack(scores),
+            fired=stack(fired),
         )
 
     def _judge(self, b: _Batch, draft: _Draft, u: dict[int, torch.Tensor]) -> _Verdict:
@@ -617,15 +602,17 @@ class TwoModelDecoder:
     def _settle(self, draft: _Draft, verdict: _Verdict, positions: torch.Tensor, u_res: torch.Tensor) -> _Settled:
         """Emitted tokens e_j (ŷ_j, or y_j ~ q where the gate fired) and the cut j*.
 
-        j* is the first position whose emitted token is not the token the draft continued with (only
-        possible where the gate fired), is an end-of-sequence token, or uses up the length budget.
-        Positions after a fired j with y_j = d_j stay valid: their prefix is the step loop's prefix.
+        j* is the first position whose emitted token is not the drafted ŷ_j (only possible where the
+        gate fired), is an end-of-sequence token, or uses up the length budget. Positions after a
+        fired j with y_j = ŷ_j stay valid: their prefix is the step loop's prefix.
         """
         emitted = draft.proposal.clone()
         rows, cols = verdict.fired.nonzero(as_tuple=True)
         if rows.numel():
-            emitted[rows, cols] = resample(verdict.logp_base, verdict.logp_rl, u_res[rows, cols], self.rule)
-        mismatch = emitted != draft.drafted
+            emitted[rows, cols] = resample(
+                verdict.logp_base, verdict.logp_rl, draft.proposal[rows, cols], u_res[rows, cols], self.rule
+            )
+        mismatch = emitted != draft.proposal
         mismatch[:, -1] = False  # nothing was drafted after the last position
         terminal = mismatch | torch.isin(emitted, self.eos) | (positions + 1 >= self.max_new_tokens)
         k = emitted.shape[1]

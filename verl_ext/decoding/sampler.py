@@ -12,6 +12,12 @@ One decoding step, for N positions at once (paper Alg. 1 and Eq. 7):
 
 So the emitted token has the law  p(y) = p_prop(y)·(1 − g(y)) + [Σ_y' p_prop(y') g(y')]·q(y).
 
+Only the law of y given a fired gate matters, not how y is drawn: `coupling="maximal"` (default)
+draws it by speculative-sampling acceptance from the already proposed ŷ (y = ŷ with probability
+min(1, q(ŷ)/p_F(ŷ)), else from the residual), which keeps y = ŷ as often as any exact draw can
+and so lets the speculative engine cut far fewer rounds; `coupling="independent"` is a fresh
+inverse-CDF draw from q, as Alg. 1 is written. Both give the law above (see `resample`).
+
 Criteria and Eq. 7 use the models' own distributions (temperature 1, full vocabulary: exact);
 temperature and top-p shape only the distributions tokens are drawn from. Draws use inverse-CDF
 sampling with uniforms from `rng.py`, so a token is a deterministic function of the logits and
@@ -34,6 +40,7 @@ from verl_ext.distributions import extrapolated_log_softmax, log_softmax, top_p_
 
 ACTIONS = ("replace", "extrapolate")
 PROPOSERS = ("base", "rl")
+COUPLINGS = ("maximal", "independent")
 
 
 @dataclass(frozen=True)
@@ -45,6 +52,8 @@ class DecodingRule:
     propose_from: "base" (Alg. 1) or "rl" (Table 1: ŷ ~ π_RL, then gate and extrapolate).
     temperature, top_p: applied to the proposal and to the resampling distribution.
     base_top_k_approximation: 0 = exact (default); k > 0 = the official code's top-k approximation.
+    coupling: how y ~ q is drawn where the gate fired, "maximal" (from ŷ, default) or
+    "independent" (a fresh draw); same law, see `resample`.
     """
 
     criterion: str = "delta_logp"
@@ -55,6 +64,7 @@ class DecodingRule:
     temperature: float = 1.0
     top_p: float = 0.7
     base_top_k_approximation: int = 0
+    coupling: str = "maximal"
 
     def __post_init__(self):
         get_criterion(self.criterion)  # raises with the list of valid names
@@ -70,6 +80,8 @@ class DecodingRule:
             raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
         if self.base_top_k_approximation < 0:
             raise ValueError("base_top_k_approximation must be 0 (exact) or a positive k")
+        if self.coupling not in COUPLINGS:
+            raise ValueError(f"unknown coupling {self.coupling!r}; valid: {', '.join(COUPLINGS)}")
 
     @property
     def resample_gamma(self) -> float:
@@ -84,17 +96,23 @@ def sampling_log_probs(logp: torch.Tensor, temperature: float, top_p: float) -> 
     return top_p_log_softmax(log_softmax(logp, temperature), top_p)
 
 
-def sample_from_log_probs(logp: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
-    """Inverse CDF: the first v with F(v) = Σ_{w≤v} π(w) > u·F(V−1); never a zero-mass token.
+def sample_from_probs(p: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+    """Inverse CDF: the first v with F(v) = Σ_{w≤v} p(w) > u·F(V−1); never a zero-mass token.
 
-    logp `[..., V]`, u `[...]` in [0, 1); returns int64 `[...]`. Sums run in float64.
+    p `[..., V]` ≥ 0 (unnormalised is fine), u `[...]` in [0, 1); returns int64 `[...]`. Sums run
+    in float64.
     """
-    p = logp.to(torch.float64).exp()
+    p = p.to(torch.float64)
     cdf = torch.cumsum(p, dim=-1)
     target = (u.to(torch.float64) * cdf[..., -1]).unsqueeze(-1)
     idx = torch.searchsorted(cdf.contiguous(), target.contiguous(), right=True).squeeze(-1)
     last_positive = p.shape[-1] - 1 - torch.argmax(torch.flip(p > 0, dims=[-1]).to(torch.uint8), dim=-1)
     return torch.minimum(idx, last_positive)
+
+
+def sample_from_log_probs(logp: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+    """`sample_from_probs` of π = exp(logp)."""
+    return sample_from_probs(logp.to(torch.float64).exp(), u)
 
 
 def propose(logp_proposer: torch.Tensor, u: torch.Tensor, rule: DecodingRule) -> torch.Tensor:
@@ -151,6 +169,17 @@ def top_k_token_delta_logp(view: TopKView, logp_base: torch.Tensor, logp_rl: tor
     return rl - logp_base.gather(-1, t).squeeze(-1)
 
 
+def every_token_delta_logp(logp_base: torch.Tensor, logp_rl: torch.Tensor, rule: DecodingRule) -> torch.Tensor:
+    """Δlog p(v) for every token v, `[N, V]`: what the gate would have read had ŷ been v (exact, or
+    the top-k approximation's returned log-probs, as `token_delta_logp` / `top_k_token_delta_logp`)."""
+    if not rule.base_top_k_approximation:
+        return logp_rl - logp_base
+    k = min(rule.base_top_k_approximation, logp_rl.shape[-1])
+    rl_vals, rl_ids = torch.topk(logp_rl, k, dim=-1)
+    in_rl = torch.zeros_like(logp_rl, dtype=torch.bool).scatter_(-1, rl_ids, True)
+    return torch.where(in_rl, logp_rl, rl_vals[..., -1:]) - logp_base
+
+
 # ----------------------------------------------------------------------------- gate + resample
 
 
@@ -191,29 +220,61 @@ def evaluate_gate_on_proposer(
     return evaluate_gate(logp_prop, logp_prop, proposal, u_gate, rule)
 
 
-def resample(logp_base: torch.Tensor, logp_rl: torch.Tensor, u_resample: torch.Tensor, rule: DecodingRule):
-    """Step 3: y ~ q = nucleus_top_p(softmax(log q₀ / T)), q₀ = π_RL or π_Extra(γ) (Eq. 7), `[N]`."""
+def resampling_probs(logp_base: torch.Tensor, logp_rl: torch.Tensor, rule: DecodingRule) -> torch.Tensor:
+    """q = nucleus_top_p(softmax(log q₀ / T)), q₀ = π_RL or π_Extra(γ) (Eq. 7), over the vocabulary,
+    `[N, V]` float64; under the top-k approximation q lives on π_B's top-k ids (zero elsewhere)."""
     k = rule.base_top_k_approximation
     if k:
         view = base_top_k_view(logp_base, logp_rl, k)
         q0 = extrapolated_log_softmax(view.logp_rl, view.logp_base, rule.resample_gamma)
-        pick = sample_from_log_probs(sampling_log_probs(q0, rule.temperature, rule.top_p), u_resample)
-        return view.ids.gather(-1, pick.unsqueeze(-1)).squeeze(-1)
+        q_on_ids = sampling_log_probs(q0, rule.temperature, rule.top_p).to(torch.float64).exp()
+        return torch.zeros_like(logp_base, dtype=torch.float64).scatter_(-1, view.ids, q_on_ids)
     q0 = extrapolated_log_softmax(logp_rl, logp_base, rule.resample_gamma)
-    return sample_from_log_probs(sampling_log_probs(q0, rule.temperature, rule.top_p), u_resample)
+    return sampling_log_probs(q0, rule.temperature, rule.top_p).to(torch.float64).exp()
 
 
-def guess_resample(logp_prop: torch.Tensor, u_resample: torch.Tensor, rule: DecodingRule) -> torch.Tensor:
-    """A stand-in for y ~ q before the other model has run, `[N]`.
+def fired_proposal_probs(logp_base: torch.Tensor, logp_rl: torch.Tensor, rule: DecodingRule) -> torch.Tensor:
+    """p_F = law of ŷ given that the gate fired, `[N, V]` float64:  p_F(v) ∝ p_prop(v)·g(v).
 
-    It is `resample` with the other model's distribution replaced by the proposer's (so q₀ = π_prop:
-    Eq. 7 with π_RL = π_B gives π_B) and the *same* uniform u_resample. The stand-in never becomes
-    an emitted token: a draft continues with it after a fired position and the continuation is kept
-    only where the real draw y equals it. Both draws invert CDFs taken in the same token order with
-    the same u, so they agree unless the two CDFs differ around u: with q close to π_prop they
-    mostly do.
+    g(v) is the gate had ŷ been v. Only `delta_logp` looks at ŷ; every other gate is a function of
+    the prefix (and of an independent uniform), so there p_F = p_prop.
     """
-    return resample(logp_prop, logp_prop, u_resample, rule)
+    proposer = logp_base if rule.propose_from == "base" else logp_rl
+    p = sampling_log_probs(proposer, rule.temperature, rule.top_p).to(torch.float64).exp()
+    if get_criterion(rule.criterion).uses_token:
+        p = p * gate(rule.criterion, every_token_delta_logp(logp_base, logp_rl, rule), rule.threshold)
+    return p / p.sum(-1, keepdim=True)
+
+
+def resample(
+    logp_base: torch.Tensor, logp_rl: torch.Tensor, proposal: torch.Tensor, u_resample: torch.Tensor,
+    rule: DecodingRule,
+) -> torch.Tensor:
+    """Step 3 at N positions where the gate fired on `proposal` ŷ: y ~ q (`resampling_probs`), `[N]`.
+
+    coupling="independent": y = inverse-CDF draw from q with u.
+    coupling="maximal" (speculative-sampling acceptance, Leviathan et al. 2023): with a = min(1,
+    q(ŷ)/p_F(ŷ)), y = ŷ if u < a, else y is drawn from the residual r ∝ (q − p_F)₊ with the
+    uniform (u − a)/(1 − a). Since ŷ | fired ~ p_F (`fired_proposal_probs`),
+        P(y = v) = min(p_F(v), q(v)) + (1 − Σ_w min(p_F(w), q(w)))·(q(v) − p_F(v))₊/Σ_w (q(w) − p_F(w))₊
+                 = min(p_F(v), q(v)) + (q(v) − p_F(v))₊ = q(v),
+    and P(y = ŷ) = Σ_v min(p_F(v), q(v)) = 1 − TV(p_F, q), the most any draw of y ~ q can keep ŷ.
+    Where π_RL is close to π_B this is close to 1 for proposer-only gates, so the speculative draft
+    (which continues with ŷ) is rarely cut; for Δlog p < τ, p_F sits where q is small, and little
+    is gained.
+    """
+    q = resampling_probs(logp_base, logp_rl, rule)
+    if rule.coupling == "independent":
+        return sample_from_probs(q, u_resample)
+    p = fired_proposal_probs(logp_base, logp_rl, rule)
+    t = proposal.unsqueeze(-1)
+    p_hat, q_hat = p.gather(-1, t).squeeze(-1), q.gather(-1, t).squeeze(-1)
+    u = u_resample.to(torch.float64)
+    accept_prob = torch.minimum(q_hat / p_hat, torch.ones_like(q_hat))
+    residual = (q - p).clamp(min=0.0)
+    u_residual = torch.where(accept_prob < 1, (u - accept_prob) / (1 - accept_prob), torch.zeros_like(u))
+    keep = (u < accept_prob) | (residual.sum(-1) <= 0)  # a zero residual means q = p_F: always keep
+    return torch.where(keep, proposal, sample_from_probs(residual, u_residual.clamp(0.0, 1.0)))
 
 
 def gate_and_resample(
@@ -230,7 +291,7 @@ def gate_and_resample(
     token = proposal.clone()
     rows = fired.nonzero(as_tuple=True)[0]
     if rows.numel():
-        token[rows] = resample(logp_base[rows], logp_rl[rows], u_resample[rows], rule)
+        token[rows] = resample(logp_base[rows], logp_rl[rows], proposal[rows], u_resample[rows], rule)
     return StepOutcome(token=token, fired=fired, score=score)
 
 

@@ -100,7 +100,7 @@ def rule_for(cfg: DictConfig, spec: RunSpec):
     return DecodingRule(
         criterion=spec.criterion, threshold=spec.threshold, action=d.action, gamma=spec.gamma,
         propose_from=d.propose_from, temperature=d.temperature, top_p=d.top_p,
-        base_top_k_approximation=d.base_top_k_approximation,
+        base_top_k_approximation=d.base_top_k_approximation, coupling=d.coupling,
     )
 
 
@@ -476,12 +476,39 @@ def validate(cfg: DictConfig) -> None:
         raise SweepError(f"sweep.criteria {missing} have no thresholds: add them to 'sweep.thresholds={{<name>:[...]}}' or calibrate them")
 
 
+# Decoding settings that change speed only: the tokens are the same for any value (tested).
+SPEED_ONLY_DECODING_KEYS = ("speculative", "draft_len", "max_draft_len", "max_batch_size")
+
+
+def shard_settings(cfg: DictConfig) -> dict:
+    """The settings that decide what a shard file holds (runs are told apart by their directory)."""
+    plain = OmegaConf.to_container(cfg, resolve=True)
+    decoding = {k: v for k, v in plain["decoding"].items() if k not in SPEED_ONLY_DECODING_KEYS}
+    return {"models": plain["models"], "data": plain["data"], "decoding": decoding, "n_samples": plain["n_samples"],
+            "shard_problems": plain["shard_problems"], "grading": plain["grading"]}
+
+
+def check_resumable(out_dir: Path, cfg: DictConfig) -> None:
+    """Refuse to mix shards made under other settings into this sweep's results."""
+    path = out_dir / "config.yaml"
+    if not path.exists() or not any((out_dir / "runs").glob("*/shard-*.parquet")):
+        return
+    old, new = shard_settings(OmegaConf.load(path)), shard_settings(cfg)
+    changed = [f"{section}: {old.get(section)} -> {new[section]}" for section in new if old.get(section) != new[section]]
+    if changed:
+        raise SweepError(
+            f"{out_dir} holds shards generated with other settings ({'; '.join(changed)}); resuming would mix "
+            f"them into these results. Use another output_dir, or delete {out_dir / 'runs'} to start over."
+        )
+
+
 def run(cfg: DictConfig) -> list[dict]:
     from tqdm import tqdm
 
     validate(cfg)
     out_dir = Path(cfg.output_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
+    check_resumable(out_dir, cfg)
     atomic_write_bytes(out_dir / "config.yaml", OmegaConf.to_yaml(cfg, resolve=True).encode())
     executor = RayPool(cfg) if use_ray(cfg) else InProcess(cfg)
     calibrated = calibrate(cfg, executor, out_dir) if cfg.sweep.target_ratios else None

@@ -132,6 +132,8 @@ def run_stage(stages: Stages, stage: str, fn, *args) -> dict:
     if stages.done(stage):
         print(f"[mini] {stage}: done earlier, kept ({stages.marker(stage)})", flush=True)
         return stages.info(stage)
+    if stages.marker(stage).exists():  # a redo starts clean (a sweep would otherwise resume its old shards)
+        shutil.rmtree(stages.out / stage)
     print(f"[mini] {stage}: running", flush=True)
     start = time.monotonic()
     info = fn(*args) or {}
