@@ -62,6 +62,28 @@ def _fresh_wandb_settings():
 
 
 @pytest.fixture
+def offline_wandb_runs(monkeypatch, tmp_path):
+    """`offline_wandb_runs(module, group)`: wandb offline under `tmp_path/wandb` in run group `group`;
+    returns the list of the runs that `module.start_run` starts from then on."""
+    from verl_ext import wandb_logging
+
+    def record(module, group: str) -> list:
+        env = {"WANDB_MODE": "offline", "WANDB_DIR": str(tmp_path), "WANDB_SILENT": "true", "WANDB_RUN_GROUP": group}
+        for name, value in env.items():
+            monkeypatch.setenv(name, value)
+        started = []
+
+        def start_and_keep(*args, **kwargs):
+            started.append(wandb_logging.start_run(*args, **kwargs))
+            return started[-1]
+
+        monkeypatch.setattr(module, "start_run", start_and_keep)
+        return started
+
+    return record
+
+
+@pytest.fixture
 def read_wandb_history():
     """`read_wandb_history(offline_run_dir) -> list of {metric: value}` (see wandb_offline_history)."""
     return wandb_offline_history

@@ -288,20 +288,11 @@ def logged_table(run_dir: Path, row: dict, key: str) -> pd.DataFrame:
     return pd.DataFrame(data["data"], columns=data["columns"])
 
 
-def test_wandb_run_holds_table_plot_curves_and_numbers(swept, tmp_path, monkeypatch, read_wandb_history):
+def test_wandb_run_holds_table_plot_curves_and_numbers(swept, tmp_path, offline_wandb_runs, read_wandb_history):
     src, summary, _ = swept
     out = tmp_path / "logged"
     shutil.copytree(src, out)  # every shard is done: this run only aggregates, plots and logs
-    env = {"WANDB_MODE": "offline", "WANDB_DIR": str(tmp_path), "WANDB_SILENT": "true", "WANDB_RUN_GROUP": "sweep-test"}
-    for name, value in env.items():
-        monkeypatch.setenv(name, value)
-    started = []
-
-    def keep(*args, **kwargs):
-        started.append(wandb_logging.start_run(*args, **kwargs))
-        return started[-1]
-
-    monkeypatch.setattr(sweep, "start_run", keep)
+    started = offline_wandb_runs(sweep, group="sweep-test")
     t0 = time.perf_counter()
     got = sweep.run(make_cfg(out, "wandb.enable=auto"))  # auto: on, because WANDB_MODE is set
     print(f"sweep logged to wandb: {time.perf_counter() - t0:.1f}s")

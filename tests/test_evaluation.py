@@ -193,28 +193,18 @@ def test_generate_checks_k_before_sampling(tmp_path):
         run(cfg)
 
 
-def test_grade_logs_to_wandb_in_the_training_project(tmp_path, monkeypatch, read_wandb_history):
+def test_grade_logs_to_wandb_in_the_training_project(tmp_path, offline_wandb_runs, read_wandb_history):
     """With WANDB_MODE set (enable=auto) the graded table goes to a real (offline) wandb run in the
     training's project and WANDB_RUN_GROUP: every number as eval/<dataset>/<metric>, and the table."""
     from omegaconf import OmegaConf
 
-    from verl_ext import wandb_logging
     from verl_ext.evaluation import command
 
     gens = tmp_path / "gens.jsonl"
     rows = [{"prompt_id": p, "response": f"\\boxed{{{r}}}", "ground_truth": "3", "data_source": "toy"}
             for p, answers in (("a", "3313"), ("b", "1200")) for r in answers]
     gens.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    for name, value in {"WANDB_MODE": "offline", "WANDB_DIR": str(tmp_path), "WANDB_SILENT": "true",
-                        "WANDB_RUN_GROUP": "eval-test"}.items():
-        monkeypatch.setenv(name, value)
-    started = []
-
-    def keep(*args, **kwargs):
-        started.append(wandb_logging.start_run(*args, **kwargs))
-        return started[-1]
-
-    monkeypatch.setattr(command, "start_run", keep)
+    started = offline_wandb_runs(command, group="eval-test")
     out = tmp_path / "graded"
     table = command.run(_compose([f"generations={gens}", f"output_dir={out}", "metrics.pass_ks=[1,2]",
                                   "show_progress=false", "grader.num_workers=1"]))["table"]

@@ -9,13 +9,13 @@ import pytest
 import torch
 
 from verl_ext import generation
+from verl_ext.cpu.hf_generate import left_pad
 from verl_ext.generation import (
     PROMPT_SUFFIX,
     Generation,
     cut_at_eos,
     encode_problem,
     format_problem,
-    left_pad,
     problem_to_messages,
     resolve_backend,
     sample_responses,
@@ -85,7 +85,9 @@ def test_missing_chat_template_is_a_clear_error():
 
 
 def test_helpers():
-    assert left_pad([[1, 2, 3], [4]], 0) == ([[1, 2, 3], [0, 0, 4]], [[1, 1, 1], [0, 0, 1]])
+    ids, mask = left_pad([[1, 2, 3], [4]], 0)
+    assert (ids.tolist(), mask.tolist()) == ([[1, 2, 3], [0, 0, 4]], [[1, 1, 1], [0, 0, 1]])
+    assert left_pad([[4]], 0, min_width=3)[0].tolist() == [[0, 0, 4]]
     assert cut_at_eos([5, 6, 2, 7, 2], [2]) == ([5, 6, 2], "stop")
     assert cut_at_eos([5, 6], [2, 3]) == ([5, 6], "length")
 

@@ -195,18 +195,12 @@ def cut_at_eos(ids: list[int], eos_ids: list[int]) -> tuple[list[int], str]:
     return ids, "length"
 
 
-def left_pad(batch: list[list[int]], pad_id: int) -> tuple[list[list[int]], list[list[int]]]:
-    """(input_ids, attention_mask), left-padded to the longest sequence."""
-    width = max(len(x) for x in batch)
-    ids = [[pad_id] * (width - len(x)) + list(x) for x in batch]
-    mask = [[0] * (width - len(x)) + [1] * len(x) for x in batch]
-    return ids, mask
-
-
 def _sample_hf(model, tokenizer, prompts, n, *, temperature, top_p, top_k, max_new_tokens, seed, batch_size, device,
                show_progress):
     import torch
     from transformers import GenerationConfig
+
+    from verl_ext.cpu.hf_generate import left_pad
 
     if isinstance(model, (str, os.PathLike)):
         model = load_hf_model(model, device)
@@ -239,13 +233,10 @@ def _sample_hf(model, tokenizer, prompts, n, *, temperature, top_p, top_k, max_n
     results: dict[tuple[int, int], Generation] = {}
     fork_devices = [run_device] if run_device.type == "cuda" else []
     for b, batch in enumerate(batches):
-        ids, mask = left_pad([prompts[p] for p, _ in batch], pad_id)
-        input_ids = torch.tensor(ids, device=run_device)
+        input_ids, mask = (t.to(run_device) for t in left_pad([prompts[p] for p, _ in batch], pad_id))
         with torch.random.fork_rng(devices=fork_devices), torch.no_grad():
             torch.manual_seed(seed * 1_000_003 + b)
-            out = model.generate(
-                input_ids=input_ids, attention_mask=torch.tensor(mask, device=run_device), generation_config=config
-            )
+            out = model.generate(input_ids=input_ids, attention_mask=mask, generation_config=config)
         for row, (p, s) in enumerate(batch):
             response, reason = cut_at_eos(out[row, input_ids.shape[1] :].tolist(), eos_ids)
             results[(p, s)] = Generation(
