@@ -17,6 +17,8 @@ Rows, tokens/s (median over `--repeats` interleaved repeats):
   hf_generate      one model, transformers `generate` (for reference)
   <crit> step      two models, step by step (draft_len=1), both KV caches
   <crit> spec(k)   exact speculative rounds of k drafts; spec(auto) picks k every round
+  dlogp rl-draft(k) π_RL drafts k tokens, π_B verifies them against the step's output law
+                   (`draft_model="scorer"`: same law as the step loop, not the same tokens)
   official         the official approach's cost model: every token runs one full forward of each
                    model over the whole sequence (no KV-cache reuse), same sampler; timed over its
                    first `--official-tokens` tokens (its cheapest), so the speed-up is underestimated
@@ -139,6 +141,7 @@ def main():
     p.add_argument("--new-tokens", type=int, default=64)
     p.add_argument("--draft-lens", type=int, nargs="+", default=[2, 4])
     p.add_argument("--no-auto", action="store_true", help="skip the spec(auto) rows")
+    p.add_argument("--no-rl-draft", action="store_true", help="skip the Δlog p rows drafted by π_RL")
     p.add_argument("--ratio", type=float, default=0.10, help="target replace ratio of both criteria")
     p.add_argument("--noise", type=float, default=0.1, help="RL = base + noise·std·ε")
     p.add_argument("--logit-scale", type=float, default=4.0)
@@ -174,6 +177,9 @@ def main():
             decoders[f"{crit} spec({k})"] = TwoModelDecoder(base, rl, rule, draft_len=k, **common)
         if not a.no_auto:
             decoders[f"{crit} spec(auto)"] = TwoModelDecoder(base, rl, rule, draft_len="auto", **common)
+    for k in a.draft_lens if not a.no_rl_draft else ():  # π_RL drafts, π_B verifies against the step's law
+        decoders[f"dlogp rl-draft({k})"] = TwoModelDecoder(base, rl, rules["dlogp"], draft_len=k, draft_model="scorer",
+                                                           **common)
     ids = torch.tensor(prompts[: a.batch], device=a.device)
     n_off = a.official_tokens or a.new_tokens
     fns = {name: (lambda d=d: d.generate(reqs)) for name, d in decoders.items()}
@@ -208,8 +214,9 @@ def main():
         d = decoders.get(name)
         crit = name.split()[0]
         step = results.get(f"{crit} step")
-        same = sum(x.tokens == y.tokens for x, y in zip(results[name], step)) / n_req if d and step else float("nan")
-        extra = (replace_ratio(results[name]), stop_rate(d), d.stats.proposer_forwards / max(d.stats.rounds, 1)) \
+        exact_tokens = d is not None and step is not None and not d.scorer_drafts  # rl-draft: same law only
+        same = sum(x.tokens == y.tokens for x, y in zip(results[name], step)) / n_req if exact_tokens else float("nan")
+        extra = (replace_ratio(results[name]), stop_rate(d), d.stats.draft_forwards / max(d.stats.rounds, 1)) \
             if d else (float("nan"),) * 3
         print(f"{name:<16} {tps[name]:>9.1f} {extra[0]:>8.3f} {extra[1]:>7.3f} {extra[2]:>7.2f} {same:>6.0%} "
               f"{vs_single[name]:>10.3f} {tps[name] / tps['official']:>12.2f}")
@@ -218,12 +225,12 @@ def main():
     c = 1 / vs_single["dlogp step"] - 1
     for crit, label in (("dlogp", "Δlog p (reads both models)"), ("H_base", "H(π_B) (reads the base only)")):
         specs = [n for n in decoders if n.startswith(f"{crit} spec")]
-        best = max(specs, key=lambda n: vs_single[n])
+        best = max(specs + [n for n in decoders if n.startswith(f"{crit} rl-draft")], key=lambda n: vs_single[n])
         line = f"best spec / single (target >= 0.8 at ~{a.ratio:.0%} replace ratio), {label}: {best} {vs_single[best]:.3f}"
         if crit == "dlogp":
             r = statistics.median(stop_rate(decoders[n]) for n in specs if "auto" not in n)
             b, k = bound(r, c)
-            line += f"   [bound {b:.3f} at k={k}: r={r:.3f}, scoring pass = {c:.2f} draft steps]"
+            line += f"   [π_B drafts: bound {b:.3f} at k={k}: r={r:.3f}, scoring pass = {c:.2f} draft steps]"
         print(line)
     print(f"step / official = {tps['dlogp step'] / tps['official']:.2f}x")
 

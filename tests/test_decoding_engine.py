@@ -220,7 +220,7 @@ def test_engine_matches_cache_free_reference(models, name):
             assert res.finish_reason == ("eos" if tokens[-1] == EOS else "length")
     n_fired, n_tokens = sum(sum(f) for _, f, _ in expected), sum(len(t) for t, _, _ in expected)
     if name == "none":
-        assert n_fired == 0 and dec.stats.scorer_forwards == 0  # `none` never needs the other model
+        assert n_fired == 0 and dec.stats.scoring_forwards == 0  # `none` never needs the other model
     elif name != "all-gamma0":
         assert 0 < n_fired < n_tokens  # the gate matters in every case
     assert any(t[-1] == EOS for t, _, _ in expected) or name == "all-gamma0"
@@ -273,9 +273,9 @@ def test_speculative_equals_step_by_step_in_every_statistic(models):
             np.testing.assert_allclose(x.scores, y.scores, rtol=1e-9, atol=1e-12)
         assert replace_ratio(a) == replace_ratio(b) and 0 < replace_ratio(a) < 1
         assert (step.stats.tokens, step.stats.fired) == (spec.stats.tokens, spec.stats.fired)
-        assert spec.stats.scorer_forwards <= step.stats.scorer_forwards  # one scoring pass per round
+        assert spec.stats.scoring_forwards <= step.stats.scoring_forwards  # one scoring pass per round
         if replace_ratio(a) < 0.3:
-            assert spec.stats.scorer_forwards < step.stats.scorer_forwards / 2
+            assert spec.stats.scoring_forwards < step.stats.scoring_forwards / 2
         assert spec.stats.compactions > 0  # rolled-back columns were re-packed at least once
 
 
@@ -302,17 +302,18 @@ def test_limits_none_is_base_sampling_and_gamma0_is_replacement(models):
     none = none_dec.generate(reqs)
     assert [r.tokens for r in plain] == [r.tokens for r in none]
     assert not any(any(r.replaced) for r in none)
-    assert none_dec.stats.scorer_forwards == 0 and none_dec.models == [base]
+    assert none_dec.stats.scoring_forwards == 0 and none_dec.models == [base]
     rep = decoder(base, rl, DecodingRule("delta_logp", -0.4, top_p=0.8), seed=2, draft_len=2).generate(reqs)
     ext = decoder(base, rl, DecodingRule("delta_logp", -0.4, "extrapolate", gamma=0.0, top_p=0.8), seed=2).generate(reqs)
     assert [(r.tokens, r.replaced) for r in rep] == [(r.tokens, r.replaced) for r in ext]
     assert any(any(r.replaced) for r in rep)
 
 
-def _sequence_histograms(results_a, results_b):
-    keys = sorted({tuple(r.tokens) for r in results_a + results_b})
-    ca = np.array([sum(tuple(r.tokens) == k for r in results_a) for k in keys])
-    cb = np.array([sum(tuple(r.tokens) == k for r in results_b) for k in keys])
+def _sequence_histograms(results_a, results_b, key=lambda r: tuple(r.tokens)):
+    a, b = [key(r) for r in results_a], [key(r) for r in results_b]
+    keys = sorted(set(a) | set(b))
+    ca = np.array([a.count(k) for k in keys])
+    cb = np.array([b.count(k) for k in keys])
     big = (ca + cb) >= 10  # pool rare sequences into one bin
     return np.stack([np.append(ca[big], ca[~big].sum()), np.append(cb[big], cb[~big].sum())])
 
@@ -341,6 +342,53 @@ def test_speculative_and_all_gamma0_match_in_distribution():
     base_only = decoder(base, None, DecodingRule("none", 0.0, top_p=0.95), seed=4, max_batch_size=256,
                         max_new_tokens=3).generate(reqs)
     assert stats.chi2_contingency(_sequence_histograms(base_only, rl_only)).pvalue < 1e-6
+
+
+@pytest.mark.parametrize(
+    "rule",
+    [DecodingRule("delta_logp", -0.3, top_p=0.95), DecodingRule("random", 0.3, "extrapolate", gamma=0.5, top_p=0.9),
+     DecodingRule("entropy_base", 1.5, top_p=0.95)],
+    ids=["delta_logp", "random-extrapolate", "entropy_base"],
+)
+def test_scorer_drafted_rounds_match_the_step_loop_in_distribution(rule):
+    """`draft_model="scorer"`: the RL model drafts, the base verifies against the step's law and the
+    flags/scores are drawn given the tokens. Tokens with their flags, and the scores, follow the
+    step loop's law (chi-square over whole sequences; two-sample KS on the scores)."""
+    base, rl = make_models(vocab=6, seed=7, eos_boost=1.0, perturb=0.8)
+    n = 3000
+    reqs = [Request([2, 3], stream_id=i) for i in range(n)]
+    step = decoder(base, rl, rule, seed=1, draft_len=1, max_batch_size=256, max_new_tokens=3).generate(reqs)
+    spec_dec = decoder(base, rl, rule, seed=2, draft_len=3, max_batch_size=256, max_new_tokens=3, draft_model="scorer")
+    spec = spec_dec.generate(reqs)
+    assert spec_dec.scorer_drafts and spec_dec.stats.tokens / spec_dec.stats.row_rounds > 1.2  # rounds keep drafts
+    table = _sequence_histograms(step, spec, key=lambda r: (tuple(r.tokens), tuple(r.replaced)))
+    assert table.shape[1] > 10
+    assert stats.chi2_contingency(table).pvalue > 1e-3
+    ra, rb = replace_ratio(step), replace_ratio(spec)
+    assert 0.05 < ra < 0.95 and abs(ra - rb) < 0.04
+    if rule.criterion != "entropy_base":  # (a function of the prefix: covered by the sequences)
+        sa = [s for r in step for s in r.scores]
+        sb = [s for r in spec for s in r.scores]
+        assert stats.ks_2samp(sa, sb).pvalue > 1e-3
+    for r in spec:  # each flag is the gate on its recorded score
+        for fired, score in zip(r.replaced, r.scores):
+            assert fired == bool(np_fires(rule.criterion, score, rule.threshold))
+
+
+def test_scorer_drafted_rounds_do_not_depend_on_the_batch_or_draft_length(models):
+    base, rl = models
+    rule = RULES["delta_logp"]
+    alone = [decoder(base, rl, rule, seed=3, draft_len=3, max_batch_size=1, draft_model="scorer").generate([r])[0]
+             for r in REQUESTS]
+    together = decoder(base, rl, rule, seed=3, draft_len=3, max_batch_size=4, admit_min=1,
+                       draft_model="scorer").generate(REQUESTS)
+    assert [(r.tokens, r.replaced) for r in alone] == [(r.tokens, r.replaced) for r in together]
+    assert any(any(r.replaced) for r in alone)
+    # `none` cannot fire: nothing to verify, the proposer drafts as usual
+    none = decoder(base, rl, DecodingRule("none", 0.0, top_p=0.8), seed=3, draft_len=3, draft_model="scorer")
+    assert not none.scorer_drafts and none.stats.scoring_forwards == 0
+    with pytest.raises(ValueError, match="unknown draft_model 'rl'; valid: proposer, scorer"):
+        decoder(base, rl, rule, draft_model="rl")
 
 
 def test_compaction_index_right_aligns_kept_columns():

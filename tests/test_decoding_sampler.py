@@ -20,8 +20,10 @@ from verl_ext.decoding.sampler import (
     evaluate_gate_on_proposer,
     gate_and_resample,
     gate_reads_proposer_only,
+    latent_gate,
     resample,
     sample_from_log_probs,
+    step_law,
     two_stage_step,
 )
 
@@ -109,6 +111,12 @@ def test_uniforms_are_uniform_and_streams_independent():
     assert u0.dtype == torch.float64 and float(u0.min()) >= 0 and float(u0.max()) < 1
     assert stats.kstest(u0.numpy(), "uniform").pvalue > 1e-3
     assert abs(np.corrcoef(u0.numpy(), u1.numpy())[0, 1]) < 0.06
+    # the second lane (scorer drafts) is uniform, and independent of every first-lane stream
+    u3 = rng.uniforms(keys, pos, rng.STREAM_SCORER_DRAFT)
+    assert stats.kstest(u3.numpy(), "uniform").pvalue > 1e-3
+    for other in (u0, u1, rng.uniforms(keys, pos, 2), rng.uniforms(keys, pos + 1, 0)):
+        assert abs(np.corrcoef(u3.numpy(), other.numpy())[0, 1]) < 0.06
+        assert not np.any(u3.numpy() == other.numpy())
     # the same key/position/stream gives the same number whatever it is batched with
     assert rng.uniforms(keys[5:6], pos[5:6], 0).item() == u0[5].item()
     assert rng.sequence_keys(7, torch.tensor([3])).item() != rng.sequence_keys(8, torch.tensor([3])).item()
@@ -271,6 +279,37 @@ def test_maximal_coupling_keeps_every_proposal_when_q_equals_the_proposal_law():
     y_hat = sample_from_log_probs(torch.log(torch.tensor(np.stack([np_nucleus(np_softmax(r), 0.8) for r in lb.numpy()]))),
                                   torch.rand(500, dtype=torch.float64))
     assert torch.equal(resample(lb, lb, y_hat, torch.rand(500, dtype=torch.float64), rule), y_hat)
+
+
+@pytest.mark.parametrize(
+    "rule",
+    [DecodingRule("delta_logp", -0.3, temperature=0.8, top_p=0.95),
+     DecodingRule("random", 0.35, "extrapolate", gamma=0.5, top_p=0.9)],
+    ids=["delta_logp", "random-extrapolate"],
+)
+def test_step_law_and_the_gate_drawn_given_the_token_have_the_two_stage_joint_law(rule):
+    """`step_law(...).emitted` is the closed form m of the module docstring; y ~ m followed by
+    `latent_gate` gives (ŷ, fired, y) the step's joint law p_prop(v)[(1 − G(v))·1[y = v] + G(v)·q(y)]."""
+    lb_np, lr_np = np.log(np_softmax(LB)), np.log(np_softmax(LR))
+    g = ((lr_np - lb_np) < rule.threshold).astype(float) if rule.criterion == "delta_logp" else np.full(7, rule.threshold)
+    m = law_two_stage(LB, LR, g, rule)
+    n, v = 60_000, len(LB)
+    lb = torch.log_softmax(torch.tensor(LB), -1).expand(n, -1)
+    lr = torch.log_softmax(torch.tensor(LR), -1).expand(n, -1)
+    law = step_law(lb[:1], lr[:1], rule)
+    np.testing.assert_allclose(law.emitted[0].numpy(), m, atol=1e-12)
+    gen = np.random.default_rng(3)
+    y = torch.tensor(gen.choice(v, size=n, p=m / m.sum()))
+    law = step_law(lb, lr, rule)
+    fired, y_hat, score = latent_gate(law, y, torch.tensor(gen.random(n)), torch.tensor(gen.random(n)), lb, lr, rule)
+    assert torch.equal(fired, gate(rule.criterion, score, rule.threshold))  # each flag is the gate on its score
+    assert torch.equal(y_hat[~fired], y[~fired])
+    p_prop = np_nucleus(np_softmax(lb_np / rule.temperature), rule.top_p)
+    gamma = rule.resample_gamma
+    q = np_nucleus(np_softmax(((1 + gamma) * lr_np - gamma * lb_np) / rule.temperature), rule.top_p)
+    joint = np.stack([np.diag(p_prop * (1 - g)), np.outer(p_prop * g, q)])  # [fired, ŷ, y]
+    cells = (fired.long() * v * v + y_hat * v + y).numpy()
+    assert_matches_law(torch.tensor(cells), joint.ravel())
 
 
 def test_unknown_names_raise_with_valid_choices():

@@ -178,6 +178,11 @@ def test_resume_refuses_shards_of_other_settings_but_not_of_other_speed_settings
         sweep.run(make_cfg(out, "decoding.coupling=independent"))
     with pytest.raises(sweep.SweepError, match="n_samples: 2 -> 3"):
         sweep.run(make_cfg(out, "n_samples=3"))
+    with pytest.raises(sweep.SweepError, match="'draft_model': 'scorer'"):  # same law, other tokens
+        sweep.run(make_cfg(out, "decoding.draft_model=scorer"))
+    # without speculative rounds the proposer drafts whatever draft_model says: still this sweep's shards
+    pd.testing.assert_frame_equal(
+        table(sweep.run(make_cfg(out, "decoding.speculative=false", "decoding.draft_model=scorer"))), table(summary))
 
 
 # ----------------------------------------------------------------------------- 3. the script

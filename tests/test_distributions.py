@@ -61,19 +61,30 @@ def test_extrapolation_eq7():
             assert out[i, v].item() == pytest.approx(math.log(u / z), rel=1e-10)
 
 
-def test_top_p_mask_matches_naive_nucleus():
-    lp = rand_logp(n=20, vocab=9, seed=6)
+@pytest.mark.parametrize("vocab", [9, 300], ids=["small vocab", "nucleus past the partial sort"])
+def test_top_p_mask_matches_naive_nucleus(vocab):
+    # peaked and flat rows: with 300 tokens some nuclei fit in the partial sort's candidates, some not
+    lp = torch.cat([rand_logp(n=10, vocab=vocab, seed=6, scale=s) for s in (0.3, 6.0)])
+    lp[::3] = log_softmax(torch.round(lp[::3] * 2))  # many ties, some at the partial sort's boundary
     for top_p in (0.1, 0.5, 0.7, 0.95, 1.0):
         mask = top_p_mask(lp, top_p)
+        sizes = []
         for i in range(lp.shape[0]):
             probs = lp[i].exp().tolist()
-            order = sorted(range(9), key=lambda v: -probs[v])
-            kept, mass = set(), 0.0
+            order = sorted(range(vocab), key=lambda v: (-probs[v], v))
+            surely, maybe, mass = set(), set(), 0.0  # kept for sure / within rounding of the boundary
             for v in order:
-                if mass < top_p or not kept:
-                    kept.add(v)
+                if mass < top_p - 1e-12 or not surely:
+                    surely.add(v)
+                if mass < top_p + 1e-12 or not maybe:
+                    maybe.add(v)
                 mass += probs[v]
-            assert {v for v in range(9) if mask[i, v]} == kept
+            got = {v for v in range(vocab) if mask[i, v]}
+            assert surely <= got <= maybe
+            sizes.append(len(got))
+        if vocab == 300 and top_p == 0.7:
+            assert min(sizes) < 64 < max(sizes)  # both paths ran
+        assert torch.equal(top_p_mask(lp.view(2, 10, vocab), top_p), mask.view(2, 10, vocab))
         renorm = top_p_log_softmax(lp, top_p)
         assert torch.allclose(renorm.exp().sum(-1), torch.ones(20, dtype=torch.float64))
     with pytest.raises(ValueError, match="top_p must be in"):

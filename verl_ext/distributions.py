@@ -56,19 +56,49 @@ def extrapolated_log_softmax(logp_rl: torch.Tensor, logp_base: torch.Tensor, gam
 def top_p_mask(logp: torch.Tensor, top_p: float) -> torch.Tensor:
     """Nucleus set: keep the smallest set of most probable tokens whose mass reaches top_p.
 
-    A token is kept when the mass of the tokens strictly more probable than it is < top_p
-    (the usual vLLM / transformers rule; the most probable token is always kept). Returns a
-    bool mask shaped like `logp`.
+    Tokens in (probability descending, token id ascending) order; a token is kept when the mass
+    of the tokens before it is < top_p (the usual vLLM / transformers rule, with ties broken by id;
+    the most probable token is always kept). Returns a bool mask shaped like `logp`.
     """
     if not 0.0 < top_p <= 1.0:
         raise ValueError(f"top_p must be in (0, 1], got {top_p}")
     if top_p >= 1.0:
         return torch.ones_like(logp, dtype=torch.bool)
-    sorted_logp, order = torch.sort(logp, dim=-1, descending=True)
-    mass_before = torch.cumsum(sorted_logp.exp(), dim=-1) - sorted_logp.exp()
-    keep_sorted = mass_before < top_p
-    keep_sorted[..., 0] = True
-    return torch.zeros_like(keep_sorted).scatter(-1, order, keep_sorted)
+    flat = logp.reshape(-1, logp.shape[-1])
+    vocab = flat.shape[-1]
+    # Most nucleus sets are small: decide each row on its `_NUCLEUS_CANDIDATES` most probable tokens
+    # (a partial sort), and fully sort only the rows whose nucleus may reach past them. Ties are
+    # broken by token id everywhere, so both paths give the same set.
+    k = min(_NUCLEUS_CANDIDATES, vocab)
+    if k == vocab:
+        return _nucleus_by_sorting(flat, top_p).view(logp.shape)
+    _, top_ids = torch.topk(flat, k, dim=-1)
+    by_id = torch.sort(top_ids, dim=-1).values  # candidates in (log-prob descending, id ascending) order:
+    cand_logp, order = torch.sort(flat.gather(-1, by_id), dim=-1, descending=True, stable=True)
+    keep = _keep_sorted(cand_logp, top_p)
+    mask = torch.zeros_like(flat, dtype=torch.bool).scatter(-1, by_id.gather(-1, order), keep)
+    last = cand_logp[:, -1:]
+    cut_tie = (flat == last).sum(-1) > (cand_logp == last).sum(-1)  # topk split a tie: which ids it took is arbitrary
+    longer = (keep[:, -1] | cut_tie).nonzero(as_tuple=True)[0]
+    if longer.numel():
+        mask[longer] = _nucleus_by_sorting(flat[longer], top_p)
+    return mask.view(logp.shape)
+
+
+_NUCLEUS_CANDIDATES = 64
+
+
+def _nucleus_by_sorting(flat: torch.Tensor, top_p: float) -> torch.Tensor:
+    sorted_logp, order = torch.sort(flat, dim=-1, descending=True, stable=True)
+    return torch.zeros_like(flat, dtype=torch.bool).scatter(-1, order, _keep_sorted(sorted_logp, top_p))
+
+
+def _keep_sorted(sorted_logp: torch.Tensor, top_p: float) -> torch.Tensor:
+    """On log-probs sorted in descending order: keep while the mass before a token is < top_p."""
+    p = sorted_logp.exp()
+    keep = (torch.cumsum(p, dim=-1) - p) < top_p
+    keep[..., 0] = True
+    return keep
 
 
 def top_p_log_softmax(logp: torch.Tensor, top_p: float) -> torch.Tensor:

@@ -34,6 +34,17 @@ and long drafts pay. For Δlog p < τ, p_F sits on tokens the scorer gave little
 always, and with equal-size models and r ≈ 10% the ratio to single-model decoding is at most
 max_k E[min(G,k)]/(k + c_S(k)/c_P) ≈ 0.69 even when c_S(k) = c_P.
 
+Drafting with the other model (`draft_model="scorer"`). Drafts from π_B are cut at rate at least
+TV(p_prop, m) per position, m the step's output law m(y) = p_prop(y)(1 − G(y)) + [Σ p_prop G]·q(y)
+(G(v) = P(fire | ŷ = v)), and the maximal coupling attains it. For Δlog p < τ the step moves the
+fired mass of π_B to π_RL, so m is often closer to π_RL: measured on the miniature's DAPO model vs
+its base at a 10% fire rate, TV(π_B, m) = 0.077 and TV(π_RL, m) = 0.032 per position. So the scorer
+may draft instead (from its own sampling distribution, stream `rng.STREAM_SCORER_DRAFT`) and the
+proposer's one pass over the k drafts verifies them: y ~ m by speculative acceptance, cut at the
+first rejection, and the flag, ŷ and score drawn from their law given y (`sampler.latent_gate`).
+Every position's draws use only its own uniforms, the kept prefix depends only on earlier
+positions' draws, so sequences, flags and scores have the step loop's joint law (not its tokens).
+
 KV-cache rollback. Both models receive the same k inputs per round (pending token, d_t..d_{t+k−2}),
 so one attention mask describes both caches. Rejected columns stay in the caches but are masked
 out (holes); position ids count only kept tokens, so RoPE positions stay contiguous. Caches are
@@ -65,8 +76,12 @@ from verl_ext.decoding.sampler import (
     evaluate_gate,
     evaluate_gate_on_proposer,
     gate_reads_proposer_only,
-    propose,
+    latent_gate,
     resample,
+    sample_from_log_probs,
+    sampling_log_probs,
+    speculative_accept,
+    step_law,
 )
 from verl_ext.distributions import log_softmax
 
@@ -98,8 +113,8 @@ class DecodeResult:
 class EngineStats:
     rounds: int = 0
     row_rounds: int = 0  # Σ over rounds of the active rows: tokens / row_rounds = tokens a row gains a round
-    proposer_forwards: int = 0
-    scorer_forwards: int = 0
+    draft_forwards: int = 0  # one-token forwards of the drafting model
+    scoring_forwards: int = 0  # k-token passes of the other model
     prefill_forwards: int = 0
     tokens: int = 0
     fired: int = 0
@@ -107,6 +122,8 @@ class EngineStats:
     checked: int = 0  # positions that could have cut a round (all kept ones but a round's last)
     compactions: int = 0
 
+
+DRAFT_MODELS = ("proposer", "scorer")
 
 # Architectures whose causal-LM logits are exactly lm_head(final hidden state): no soft-capping or
 # logit scaling, so the scorer may project only the positions it needs.
@@ -229,11 +246,12 @@ class _Draft:
     """What the proposer produced in one round of k positions (B rows)."""
 
     inputs: torch.Tensor  # [B, k] tokens fed to both models: pending, ŷ_0 .. ŷ_{k-2}
-    proposal: torch.Tensor  # [B, k] ŷ_j ~ p_prop
+    proposal: torch.Tensor  # [B, k] the drafted tokens: ŷ_j ~ p_prop (the scorer's own draws when it drafts)
     logp: list[torch.Tensor]  # k × [B, V] the proposer's log-probs at each position
     mask: torch.Tensor  # [B, L + k] attention mask including the round's k columns
     score: torch.Tensor | None  # [B, k] gate score, when the gate reads only the proposer
     fired: torch.Tensor | None  # [B, k]
+    draft_law: torch.Tensor | None = None  # [B, k, V] log of the scorer's sampling law, when it drafts
 
 
 @dataclass
@@ -383,6 +401,13 @@ class TwoModelDecoder:
     in [1, max_draft_len] from the measured stop rate and costs (`AdaptiveDraftLen`).
     max_batch_size: active sequences at most; new prompts are admitted when at least
     `admit_min` slots are free (default a quarter of the batch) or the batch is empty.
+    draft_model: which model drafts the speculative rounds. "proposer" (default): π_prop drafts and
+    every round is token-identical to the step loop. "scorer": the other model drafts from its own
+    sampling distribution and the proposer verifies the round against the step's output law m
+    (`sampler.step_law`, speculative-sampling acceptance), then the gate's flag and ŷ are drawn from
+    their law given the emitted token (`sampler.latent_gate`): the same law over sequences, flags
+    and scores as the step loop, not the same tokens. It cuts fewer rounds when m is closer to π_RL
+    than to π_B, as for Δlog p < τ (see the module docstring). Ignored when nothing can fire.
     """
 
     def __init__(
@@ -400,6 +425,7 @@ class TwoModelDecoder:
         max_batch_size: int = 32,
         admit_min: int | None = None,
         compact_slack: float = 0.5,
+        draft_model: str = "proposer",
     ):
         if rl is None and rule.criterion != "none":
             raise ValueError("single-model decoding (rl=None) needs criterion 'none'")
@@ -413,13 +439,16 @@ class TwoModelDecoder:
             raise ValueError(f"draft_len must be an int >= 1 or 'auto', got {draft_len!r}")
         if max_new_tokens < 1:
             raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+        if draft_model not in DRAFT_MODELS:
+            raise ValueError(f"unknown draft_model {draft_model!r}; valid: {', '.join(DRAFT_MODELS)}")
         self.base, self.rl, self.rule = base, rl, rule
         swap = rl is not None and rule.propose_from == "rl"
         self.proposer, self.scorer = (rl, base) if swap else (base, rl)
         if not can_fire(rule.criterion):
             self.scorer = None  # `none` never resamples: the tokens are the proposer's alone
+        self.scorer_drafts = self.scorer is not None and draft_model == "scorer"
         # a gate read from the proposer alone is decided while drafting (see the module docstring)
-        self.early_gate = self.scorer is not None and gate_reads_proposer_only(rule)
+        self.early_gate = self.scorer is not None and not self.scorer_drafts and gate_reads_proposer_only(rule)
         self.models = [m for m in (self.proposer, self.scorer) if m is not None]
         self.device = next(base.parameters()).device
         self.eos = torch.tensor(sorted(set(eos_token_ids)), dtype=torch.long, device=self.device)
@@ -525,12 +554,16 @@ class TwoModelDecoder:
         left = self.max_new_tokens - int(b.n_out.min().item())
         k = max(1, min(self._draft_len_now(), left))
         positions = b.n_out[:, None] + torch.arange(k, device=self.device)  # [B, k] positions t..t+k-1
-        u = {s: rng.uniforms(b.keys[:, None], positions, s) for s in range(rng.NUM_STREAMS)}
+        streams = range(rng.NUM_STREAMS + (1 if self.scorer_drafts else 0))
+        u = {s: rng.uniforms(b.keys[:, None], positions, s) for s in streams}
         clock = _Clock(self.device, enabled=self.adaptive is not None)
         draft = self._draft(b, k, u)
         t_draft = clock.lap()
-        verdict = self._judge(b, draft, u)
-        settled = self._settle(draft, verdict, positions, u[rng.STREAM_RESAMPLE])
+        if self.scorer_drafts:
+            verdict, settled = self._verify_scorer_draft(b, draft, u, positions)
+        else:
+            verdict = self._judge(b, draft, u)
+            settled = self._settle(draft, verdict, positions, u[rng.STREAM_RESAMPLE])
         done = self._advance(b, verdict, settled, positions)
         # a stop is only possible before the last position (nothing is drafted after it)
         checked = int((settled.cut + 1).clamp(max=k - 1).sum().item())
@@ -546,28 +579,34 @@ class TwoModelDecoder:
         return self.adaptive.choose() if self.adaptive is not None else self.draft_len
 
     def _draft(self, b: _Batch, k: int, u: dict[int, torch.Tensor]) -> _Draft:
-        """k proposer forwards, one token each, sampling ŷ_j as the step loop would (same uniform);
-        a gate that reads only the proposer is decided on the way."""
+        """k forwards of the drafting model, one token each. The proposer samples ŷ_j as the step loop
+        would (same uniform) and decides a gate that reads only itself on the way; the scorer
+        (`draft_model="scorer"`) samples from its own sampling distribution with its own stream."""
         mask, inp = b.mask, b.pending
         one = torch.ones((b.size, 1), dtype=mask.dtype, device=self.device)
-        inputs, proposals, logps, scores, fired = [], [], [], [], []
+        model, cache = (self.scorer, b.caches[1]) if self.scorer_drafts else (self.proposer, b.caches[0])
+        u_draft = u[rng.STREAM_SCORER_DRAFT if self.scorer_drafts else rng.STREAM_PROPOSAL]
+        inputs, proposals, logps, laws, scores, fired = [], [], [], [], [], []
         for j in range(k):
             mask = torch.cat([mask, one], dim=1)
             inputs.append(inp)
-            logits = self._forward(self.proposer, b.caches[0], inp[:, None], mask, (b.n_valid + j)[:, None], keep=1)
+            logits = self._forward(model, cache, inp[:, None], mask, (b.n_valid + j)[:, None], keep=1)
             logp = log_softmax(logits[:, -1])
-            inp = propose(logp, u[rng.STREAM_PROPOSAL][:, j], self.rule)
+            law = sampling_log_probs(logp, self.rule.temperature, self.rule.top_p)  # `sampler.propose`'s law
+            inp = sample_from_log_probs(law, u_draft[:, j])
+            if self.scorer_drafts:
+                laws.append(law)  # the draft law the verification accepts against
             if self.early_gate:
                 score, fire = evaluate_gate_on_proposer(logp, inp, u[rng.STREAM_GATE][:, j], self.rule)
                 scores.append(score)
                 fired.append(fire)
             proposals.append(inp)
             logps.append(logp)
-        self.stats.proposer_forwards += k
+        self.stats.draft_forwards += k
         stack = lambda xs: torch.stack(xs, dim=1) if xs else None
         return _Draft(
             inputs=stack(inputs), proposal=stack(proposals), logp=logps, mask=mask, score=stack(scores),
-            fired=stack(fired),
+            fired=stack(fired), draft_law=stack(laws),
         )
 
     def _judge(self, b: _Batch, draft: _Draft, u: dict[int, torch.Tensor]) -> _Verdict:
@@ -583,7 +622,7 @@ class TwoModelDecoder:
         if self.scorer is None:
             score = torch.full(draft.proposal.shape, float("nan"), dtype=torch.float32, device=self.device)
             return _Verdict(score, torch.zeros_like(draft.proposal, dtype=torch.bool), None, None)
-        self.stats.scorer_forwards += 1
+        self.stats.scoring_forwards += 1
         if self.early_gate:
             rows, cols = draft.fired.nonzero(as_tuple=True)
             logp_score = self._scorer_log_probs_at(b.caches[1], draft.inputs, draft.mask, pos_ids, rows, cols)
@@ -599,6 +638,36 @@ class TwoModelDecoder:
         rows, cols = fired.nonzero(as_tuple=True)
         return _Verdict(score.view(-1, k), fired, logp_base[rows, cols], logp_rl[rows, cols])
 
+    def _verify_scorer_draft(self, b: _Batch, draft: _Draft, u: dict[int, torch.Tensor], positions: torch.Tensor):
+        """`draft_model="scorer"`: the proposer scores the scorer's k drafts in one pass; each position
+        emits y ~ m (the step's output law) by speculative acceptance of the draft, and its gate flag,
+        ŷ and score are drawn from their law given y (`sampler.latent_gate`)."""
+        b_rows, k = draft.proposal.shape
+        pos_ids = b.n_valid[:, None] + torch.arange(k, device=self.device)
+        self.stats.scoring_forwards += 1
+        logits = self._forward(self.proposer, b.caches[0], draft.inputs, draft.mask, pos_ids, keep=k)
+        logp_score = torch.stack(draft.logp, dim=1).flatten(0, 1)
+        logp_base, logp_rl = self._as_base_rl(log_softmax(logits).flatten(0, 1), logp_score)
+        law = step_law(logp_base, logp_rl, self.rule)
+        drafted = draft.proposal.flatten()
+        draft_law = draft.draft_law.flatten(0, 1).to(torch.float64).exp()
+        emitted = speculative_accept(law.emitted, draft_law, drafted, u[rng.STREAM_RESAMPLE].flatten())
+        fired, _, score = latent_gate(
+            law, emitted, u[rng.STREAM_GATE].flatten(), u[rng.STREAM_PROPOSAL].flatten(), logp_base, logp_rl, self.rule
+        )
+        verdict = _Verdict(score.view(b_rows, k), fired.view(b_rows, k), None, None)
+        return verdict, self._cut(emitted.view(b_rows, k), draft.proposal, positions)
+
+    def _cut(self, emitted: torch.Tensor, drafted: torch.Tensor, positions: torch.Tensor) -> _Settled:
+        """j*: the first position whose emitted token is not the drafted one, is an end-of-sequence
+        token, or uses up the length budget."""
+        mismatch = emitted != drafted
+        mismatch[:, -1] = False  # nothing was drafted after the last position
+        terminal = mismatch | torch.isin(emitted, self.eos) | (positions + 1 >= self.max_new_tokens)
+        k = emitted.shape[1]
+        cut = torch.where(terminal.any(1), terminal.to(torch.uint8).argmax(1), torch.full_like(positions[:, 0], k - 1))
+        return _Settled(emitted, cut, mismatch.gather(1, cut[:, None]).squeeze(1))
+
     def _settle(self, draft: _Draft, verdict: _Verdict, positions: torch.Tensor, u_res: torch.Tensor) -> _Settled:
         """Emitted tokens e_j (ŷ_j, or y_j ~ q where the gate fired) and the cut j*.
 
@@ -612,12 +681,7 @@ class TwoModelDecoder:
             emitted[rows, cols] = resample(
                 verdict.logp_base, verdict.logp_rl, draft.proposal[rows, cols], u_res[rows, cols], self.rule
             )
-        mismatch = emitted != draft.proposal
-        mismatch[:, -1] = False  # nothing was drafted after the last position
-        terminal = mismatch | torch.isin(emitted, self.eos) | (positions + 1 >= self.max_new_tokens)
-        k = emitted.shape[1]
-        cut = torch.where(terminal.any(1), terminal.to(torch.uint8).argmax(1), torch.full_like(positions[:, 0], k - 1))
-        return _Settled(emitted, cut, mismatch.gather(1, cut[:, None]).squeeze(1))
+        return self._cut(emitted, draft.proposal, positions)
 
     def _advance(self, b: _Batch, verdict: _Verdict, settled: _Settled, positions: torch.Tensor) -> torch.Tensor:
         """Record positions ≤ j*, mask the rejected cache columns out, move the pending token."""

@@ -19,6 +19,9 @@ STREAM_PROPOSAL = 0  # ŷ ~ π_proposal (π_B in Alg. 1)
 STREAM_GATE = 1  # u ~ U(0,1) for the `random` criterion
 STREAM_RESAMPLE = 2  # y ~ q (π_RL or π_Extra) where the gate fired
 NUM_STREAMS = 3
+# Streams drawn only by the scorer-drafted speculative mode (engine `draft_model="scorer"`). They live
+# in a second lane (the same counters under a re-mixed key), so the three above keep their values.
+STREAM_SCORER_DRAFT = NUM_STREAMS + 0  # the scorer's draft token
 
 _MASK64 = (1 << 64) - 1
 
@@ -53,10 +56,14 @@ def sequence_keys(seed: int, stream_ids: torch.Tensor) -> torch.Tensor:
 
 
 def uniforms(keys: torch.Tensor, positions: torch.Tensor, stream: int) -> torch.Tensor:
-    """u = (mix(key + mix(NUM_STREAMS·position + stream)) ≫ 11) · 2^-53 ∈ [0, 1), float64.
+    """u = (mix(key + mix(NUM_STREAMS·position + slot)) ≫ 11) · 2^-53 ∈ [0, 1), float64, with
+    (lane, slot) = divmod(stream, NUM_STREAMS) and key := mix(key ⊕ lane) for lanes > 0.
 
     `keys` and `positions` broadcast (e.g. keys [B, 1] with positions [B, k]).
     """
+    lane, stream = divmod(stream, NUM_STREAMS)
+    if lane:
+        keys = splitmix64(keys ^ lane)
     counter = splitmix64(positions.to(torch.int64) * NUM_STREAMS + stream)
     bits = _shr(splitmix64(keys + counter), 11)
     return bits.to(torch.float64) * (2.0**-53)

@@ -233,17 +233,57 @@ def resampling_probs(logp_base: torch.Tensor, logp_rl: torch.Tensor, rule: Decod
     return sampling_log_probs(q0, rule.temperature, rule.top_p).to(torch.float64).exp()
 
 
-def fired_proposal_probs(logp_base: torch.Tensor, logp_rl: torch.Tensor, rule: DecodingRule) -> torch.Tensor:
-    """p_F = law of ŷ given that the gate fired, `[N, V]` float64:  p_F(v) ∝ p_prop(v)·g(v).
-
-    g(v) is the gate had ŷ been v. Only `delta_logp` looks at ŷ; every other gate is a function of
-    the prefix (and of an independent uniform), so there p_F = p_prop.
-    """
+def proposal_probs(logp_base: torch.Tensor, logp_rl: torch.Tensor, rule: DecodingRule) -> torch.Tensor:
+    """p_prop = nucleus_top_p(softmax(log π_prop / T)) over the vocabulary, `[N, V]` float64."""
     proposer = logp_base if rule.propose_from == "base" else logp_rl
-    p = sampling_log_probs(proposer, rule.temperature, rule.top_p).to(torch.float64).exp()
-    if get_criterion(rule.criterion).uses_token:
-        p = p * gate(rule.criterion, every_token_delta_logp(logp_base, logp_rl, rule), rule.threshold)
+    return sampling_log_probs(proposer, rule.temperature, rule.top_p).to(torch.float64).exp()
+
+
+def fire_probability(logp_base: torch.Tensor, logp_rl: torch.Tensor, rule: DecodingRule) -> torch.Tensor:
+    """G(v) = P(the gate fires | prefix, ŷ = v), `[N, V]` or `[N, 1]` (same for every v) float64.
+
+    Δlog p < τ: 1[Δlog p(v) < τ] (`every_token_delta_logp`); random: P(u < τ) = clip(τ, 0, 1);
+    every other criterion: its gate on the prefix's score, 0 or 1.
+    """
+    name, n = rule.criterion, logp_base.shape[0]
+    if get_criterion(name).uses_token:
+        return gate(name, every_token_delta_logp(logp_base, logp_rl, rule), rule.threshold).to(torch.float64)
+    if name == "random":
+        return torch.full((n, 1), min(max(rule.threshold, 0.0), 1.0), dtype=torch.float64, device=logp_base.device)
+    nothing = torch.zeros(n, dtype=torch.long, device=logp_base.device)  # the score ignores ŷ and u
+    return evaluate_gate(logp_base, logp_rl, nothing, nothing.double(), rule)[1].to(torch.float64).unsqueeze(-1)
+
+
+def fired_proposal_probs(logp_base: torch.Tensor, logp_rl: torch.Tensor, rule: DecodingRule) -> torch.Tensor:
+    """p_F = law of ŷ given that the gate fired, `[N, V]` float64:  p_F(v) ∝ p_prop(v)·G(v).
+
+    Only `delta_logp` looks at ŷ; every other gate is a function of the prefix (and of an
+    independent uniform), so there p_F = p_prop.
+    """
+    p = proposal_probs(logp_base, logp_rl, rule) * fire_probability(logp_base, logp_rl, rule)
     return p / p.sum(-1, keepdim=True)
+
+
+def speculative_accept(
+    target: torch.Tensor, draft_law: torch.Tensor, draft: torch.Tensor, u: torch.Tensor
+) -> torch.Tensor:
+    """Speculative-sampling acceptance (Leviathan et al. 2023), `[N]`: for draft ~ d (`draft_law`),
+    y = draft if u < a = min(1, t(draft)/d(draft)), else y ~ (t − d)₊ with the uniform (u − a)/(1 − a).
+
+        P(y = v) = min(d(v), t(v)) + (1 − Σ_w min(d(w), t(w)))·(t(v) − d(v))₊ / Σ_w (t(w) − d(w))₊
+                 = min(d(v), t(v)) + (t(v) − d(v))₊ = t(v),
+
+    and P(y = draft) = Σ_v min(d(v), t(v)) = 1 − TV(d, t): no draw of y ~ t keeps the draft more
+    often. target t and draft_law d `[N, V]` (normalised), draft `[N]`, u `[N]` in [0, 1).
+    """
+    col = draft.unsqueeze(-1)
+    t_hat, d_hat = target.gather(-1, col).squeeze(-1), draft_law.gather(-1, col).squeeze(-1)
+    u = u.to(torch.float64)
+    accept_prob = torch.minimum(t_hat / d_hat, torch.ones_like(t_hat))
+    residual = (target - draft_law).clamp(min=0.0)
+    u_residual = torch.where(accept_prob < 1, (u - accept_prob) / (1 - accept_prob), torch.zeros_like(u))
+    keep = (u < accept_prob) | (residual.sum(-1) <= 0)  # a zero residual means t = d: always keep
+    return torch.where(keep, draft, sample_from_probs(residual, u_residual.clamp(0.0, 1.0)))
 
 
 def resample(
@@ -253,28 +293,67 @@ def resample(
     """Step 3 at N positions where the gate fired on `proposal` ŷ: y ~ q (`resampling_probs`), `[N]`.
 
     coupling="independent": y = inverse-CDF draw from q with u.
-    coupling="maximal" (speculative-sampling acceptance, Leviathan et al. 2023): with a = min(1,
-    q(ŷ)/p_F(ŷ)), y = ŷ if u < a, else y is drawn from the residual r ∝ (q − p_F)₊ with the
-    uniform (u − a)/(1 − a). Since ŷ | fired ~ p_F (`fired_proposal_probs`),
-        P(y = v) = min(p_F(v), q(v)) + (1 − Σ_w min(p_F(w), q(w)))·(q(v) − p_F(v))₊/Σ_w (q(w) − p_F(w))₊
-                 = min(p_F(v), q(v)) + (q(v) − p_F(v))₊ = q(v),
-    and P(y = ŷ) = Σ_v min(p_F(v), q(v)) = 1 − TV(p_F, q), the most any draw of y ~ q can keep ŷ.
-    Where π_RL is close to π_B this is close to 1 for proposer-only gates, so the speculative draft
-    (which continues with ŷ) is rarely cut; for Δlog p < τ, p_F sits where q is small, and little
-    is gained.
+    coupling="maximal": `speculative_accept` with target q and draft ŷ, whose law given that the gate
+    fired is p_F (`fired_proposal_probs`): y = ŷ with probability 1 − TV(p_F, q), the most any draw
+    of y ~ q keeps ŷ. Where π_RL is close to π_B this is close to 1 for gates that ignore ŷ, so the
+    speculative draft (which continues with ŷ) is rarely cut; for Δlog p < τ, p_F sits where q is
+    small, and little is gained.
     """
     q = resampling_probs(logp_base, logp_rl, rule)
     if rule.coupling == "independent":
         return sample_from_probs(q, u_resample)
-    p = fired_proposal_probs(logp_base, logp_rl, rule)
-    t = proposal.unsqueeze(-1)
-    p_hat, q_hat = p.gather(-1, t).squeeze(-1), q.gather(-1, t).squeeze(-1)
-    u = u_resample.to(torch.float64)
-    accept_prob = torch.minimum(q_hat / p_hat, torch.ones_like(q_hat))
-    residual = (q - p).clamp(min=0.0)
-    u_residual = torch.where(accept_prob < 1, (u - accept_prob) / (1 - accept_prob), torch.zeros_like(u))
-    keep = (u < accept_prob) | (residual.sum(-1) <= 0)  # a zero residual means q = p_F: always keep
-    return torch.where(keep, proposal, sample_from_probs(residual, u_residual.clamp(0.0, 1.0)))
+    return speculative_accept(q, fired_proposal_probs(logp_base, logp_rl, rule), proposal, u_resample)
+
+
+@dataclass(frozen=True)
+class StepLaw:
+    """The distributions of one two-stage step at N positions (float64)."""
+
+    proposal: torch.Tensor  # [N, V] p_prop
+    fire: torch.Tensor  # [N, V] or [N, 1] G(v) = P(fires | ŷ = v)
+    resample: torch.Tensor  # [N, V] q
+
+    @property
+    def kept(self) -> torch.Tensor:
+        """[N, V] P(ŷ = v, the gate does not fire) = p_prop(v)·(1 − G(v))."""
+        return self.proposal * (1 - self.fire)
+
+    @property
+    def emitted(self) -> torch.Tensor:
+        """[N, V] m(y) = p_prop(y)(1 − G(y)) + [Σ_v p_prop(v) G(v)]·q(y): the law of the emitted token."""
+        return self.kept + (self.proposal * self.fire).sum(-1, keepdim=True) * self.resample
+
+
+def step_law(logp_base: torch.Tensor, logp_rl: torch.Tensor, rule: DecodingRule) -> StepLaw:
+    return StepLaw(proposal_probs(logp_base, logp_rl, rule), fire_probability(logp_base, logp_rl, rule),
+                   resampling_probs(logp_base, logp_rl, rule))
+
+
+def latent_gate(
+    law: StepLaw, token: torch.Tensor, u_gate: torch.Tensor, u_proposal: torch.Tensor,
+    logp_base: torch.Tensor, logp_rl: torch.Tensor, rule: DecodingRule,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(fired, ŷ, score) drawn from their law given the emitted token y ~ m, `[N]` each.
+
+    The step's joint law is P(ŷ = v, no fire, y) = p_prop(v)(1 − G(v))·1[y = v] and P(ŷ = v, fire,
+    y) = p_prop(v)G(v)·q(y), so P(fire | y) = 1 − p_prop(y)(1 − G(y))/m(y) and, given a fire, ŷ ~ p_F
+    independently of y. fired = u_gate < P(fire | y); ŷ = y, or drawn from p_F with u_proposal;
+    for `random` the gate's own uniform is u_gate rescaled into [0, τ) or [τ, 1) accordingly. The
+    score is then the criterion's score at ŷ, so (y, fired, score) has the step loop's joint law.
+    """
+    col = token.unsqueeze(-1)
+    p_fire = 1 - law.kept.gather(-1, col).squeeze(-1) / law.emitted.gather(-1, col).squeeze(-1)
+    u_gate = u_gate.to(torch.float64)
+    fired = u_gate < p_fire
+    p_f = law.proposal * law.fire
+    y_hat = torch.where(fired, sample_from_probs(p_f, u_proposal), token)
+    if rule.criterion == "random":
+        tau = min(max(rule.threshold, 0.0), 1.0)
+        below = tau * u_gate / p_fire.clamp(min=1e-300)
+        above = tau + (1 - tau) * (u_gate - p_fire) / (1 - p_fire).clamp(min=1e-300)
+        u_gate = torch.where(fired, below, above).clamp(0.0, 1.0 - 2.0**-53)
+    score, _ = evaluate_gate(logp_base, logp_rl, y_hat, u_gate, rule)
+    return fired, y_hat, score
 
 
 def gate_and_resample(

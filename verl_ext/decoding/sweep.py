@@ -144,6 +144,7 @@ class ShardWorker:
             pad_token_id=tok.pad_token_id if tok.pad_token_id is not None else eos[0],
             max_new_tokens=max_new_tokens or d.max_new_tokens, seed=spec.seed,
             draft_len=d.draft_len if d.speculative else 1, max_batch_size=d.max_batch_size,
+            draft_model=effective_draft_model(d),
         )
 
     def generate(self, spec: RunSpec, start: int, stop: int, n: int, max_new_tokens: int | None = None):
@@ -480,10 +481,17 @@ def validate(cfg: DictConfig) -> None:
 SPEED_ONLY_DECODING_KEYS = ("speculative", "draft_len", "max_draft_len", "max_batch_size")
 
 
+def effective_draft_model(decoding) -> str:
+    """The step-by-step loop (speculative=false) always drafts with the proposer."""
+    return decoding.get("draft_model", "proposer") if decoding.get("speculative", True) else "proposer"
+
+
 def shard_settings(cfg: DictConfig) -> dict:
     """The settings that decide what a shard file holds (runs are told apart by their directory)."""
     plain = OmegaConf.to_container(cfg, resolve=True)
     decoding = {k: v for k, v in plain["decoding"].items() if k not in SPEED_ONLY_DECODING_KEYS}
+    # scorer drafts give other tokens (same law); proposer drafts any k give the step loop's tokens
+    decoding["draft_model"] = effective_draft_model(plain["decoding"])
     return {"models": plain["models"], "data": plain["data"], "decoding": decoding, "n_samples": plain["n_samples"],
             "shard_problems": plain["shard_problems"], "grading": plain["grading"]}
 
