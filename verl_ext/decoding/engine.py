@@ -37,8 +37,9 @@ max_k E[min(G,k)]/(k + c_S(k)/c_P) ≈ 0.69 even when c_S(k) = c_P.
 Drafting with the other model (`draft_model="scorer"`). Drafts from π_B are cut at rate at least
 TV(p_prop, m) per position, m the step's output law m(y) = p_prop(y)(1 − G(y)) + [Σ p_prop G]·q(y)
 (G(v) = P(fire | ŷ = v)), and the maximal coupling attains it. For Δlog p < τ the step moves the
-fired mass of π_B to π_RL, so m is often closer to π_RL: measured on the miniature's DAPO model vs
-its base at a 10% fire rate, TV(π_B, m) = 0.077 and TV(π_RL, m) = 0.032 per position. So the scorer
+fired mass of π_B to π_RL, so m is often closer to π_RL: on the miniature's DAPO model vs its base
+at a 10% fire rate, TV(π_B, m) = 0.063 and TV(π_RL, m) = 0.030 per position
+(`benchmarks/bench_draft_stop_rates.py` prints both for any pair of models). So the scorer
 may draft instead (from its own sampling distribution, stream `rng.STREAM_SCORER_DRAFT`) and the
 proposer's one pass over the k drafts verifies them: y ~ m by speculative acceptance, cut at the
 first rejection, and the flag, ŷ and score drawn from their law given y (`sampler.latent_gate`).
