@@ -391,6 +391,40 @@ def test_scorer_drafted_rounds_do_not_depend_on_the_batch_or_draft_length(models
         decoder(base, rl, rule, draft_model="rl")
 
 
+@pytest.mark.parametrize(
+    ("rule", "draft_model"),
+    [(DecodingRule("entropy_base", 3.42, top_p=0.9), "proposer"), (DecodingRule("delta_logp", -0.3, top_p=0.9), "scorer")],
+    ids=["H(π_B) gate, π_B drafts", "Δlog p gate, π_RL drafts"],
+)
+def test_rounds_are_cut_at_the_total_variation_to_the_step_law(rule, draft_model):
+    """A draft from law d is kept with probability at most 1 − TV(d, m) (m: the step's output law);
+    the engine attains it: its cuts per checked position match the mean of TV(d, m) along the
+    sequences it produced (d = p_prop for proposer drafts, π_RL's sampling law for scorer drafts),
+    well below the fire rate that a fresh resample would cut at."""
+    from verl_ext.decoding.sampler import sampling_log_probs, step_law
+
+    base, rl = make_models(seed=3, eos_boost=0.0, perturb=0.3)
+    reqs = [Request(PROMPTS[i % 6], stream_id=i) for i in range(120)]
+    dec = decoder(base, rl, rule, seed=6, draft_len=4, max_new_tokens=12, max_batch_size=64, draft_model=draft_model)
+    results = dec.generate(reqs)
+    tvs = []
+    for req, res in zip(reqs, results):
+        ids = torch.tensor([list(req.prompt_ids) + res.tokens[:-1]])
+        n = len(req.prompt_ids)
+        with torch.no_grad():
+            lb = torch.log_softmax(base(ids).logits[0, n - 1 :], -1)
+            lr = torch.log_softmax(rl(ids).logits[0, n - 1 :], -1)
+        law = step_law(lb, lr, rule)
+        d = law.proposal if draft_model == "proposer" else sampling_log_probs(lr, rule.temperature, rule.top_p).exp()
+        tvs.append(0.5 * (d - law.emitted).abs().sum(-1))
+    predicted = float(torch.cat(tvs).mean())
+    st = dec.stats
+    measured = st.mismatches / st.checked
+    print(f"cuts per checked position {measured:.4f}, mean TV {predicted:.4f}, fire rate {replace_ratio(results):.3f}")
+    assert abs(measured - predicted) < 4 * (predicted / st.checked) ** 0.5 + 0.005, (measured, predicted, st.checked)
+    assert measured < 0.75 * replace_ratio(results), (measured, replace_ratio(results))
+
+
 def test_compaction_index_right_aligns_kept_columns():
     mask = torch.tensor([[0, 1, 0, 1, 1, 0], [1, 1, 1, 0, 0, 1], [0, 0, 0, 0, 1, 0]])
     idx = compaction_index(mask)
