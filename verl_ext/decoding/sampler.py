@@ -136,8 +136,14 @@ class TopKView:
     ids: torch.Tensor  # [N, k] the base model's k most probable token ids
     logp_base: torch.Tensor  # [N, k] log π_B on ids, renormalised
     logp_rl: torch.Tensor  # [N, k] log π_RL on ids (missing → RL's min top-k log-prob), renormalised
-    rl_returned_min: torch.Tensor  # [N] the RL model's smallest top-k log-prob
-    rl_top_ids: torch.Tensor  # [N, k] the RL model's own top-k ids
+
+
+def returned_rl_log_probs(logp_rl: torch.Tensor, k: int) -> torch.Tensor:
+    """log π_RL as the official code sees it, `[N, V]`: log π_RL(v) for v among π_RL's top-k ids
+    (K_RL), min_{w∈K_RL} log π_RL(w) for every other token."""
+    rl_vals, rl_ids = torch.topk(logp_rl, min(k, logp_rl.shape[-1]), dim=-1)
+    in_rl = torch.zeros_like(logp_rl, dtype=torch.bool).scatter_(-1, rl_ids, True)
+    return torch.where(in_rl, logp_rl, rl_vals[..., -1:])
 
 
 def base_top_k_view(logp_base: torch.Tensor, logp_rl: torch.Tensor, k: int) -> TopKView:
@@ -146,38 +152,16 @@ def base_top_k_view(logp_base: torch.Tensor, logp_rl: torch.Tensor, k: int) -> T
     log π̃_B(v) = log π_B(v) − log Σ_{w∈K_B} π_B(w);  log π̃_RL(v) ∝ log π_RL(v) if v ∈ K_RL else
     min_{w∈K_RL} log π_RL(w), renormalised over K_B.
     """
-    k = min(k, logp_base.shape[-1])
-    base_vals, ids = torch.topk(logp_base, k, dim=-1)
-    rl_vals, rl_ids = torch.topk(logp_rl, k, dim=-1)
-    rl_min = rl_vals[..., -1]
-    present = (ids.unsqueeze(-1) == rl_ids.unsqueeze(-2)).any(-1)
-    rl_on_ids = torch.where(present, logp_rl.gather(-1, ids), rl_min.unsqueeze(-1))
-    return TopKView(
-        ids=ids,
-        logp_base=torch.log_softmax(base_vals, dim=-1),
-        logp_rl=torch.log_softmax(rl_on_ids, dim=-1),
-        rl_returned_min=rl_min,
-        rl_top_ids=rl_ids,
-    )
-
-
-def top_k_token_delta_logp(view: TopKView, logp_base: torch.Tensor, logp_rl: torch.Tensor, token: torch.Tensor):
-    """Δlog p(ŷ) with returned log-probs: log π_RL(ŷ) if ŷ ∈ K_RL else min_{K_RL} log π_RL, minus log π_B(ŷ)."""
-    t = token.unsqueeze(-1)
-    in_rl = (view.rl_top_ids == t).any(-1)
-    rl = torch.where(in_rl, logp_rl.gather(-1, t).squeeze(-1), view.rl_returned_min)
-    return rl - logp_base.gather(-1, t).squeeze(-1)
+    base_vals, ids = torch.topk(logp_base, min(k, logp_base.shape[-1]), dim=-1)
+    rl_on_ids = returned_rl_log_probs(logp_rl, k).gather(-1, ids)
+    return TopKView(ids=ids, logp_base=torch.log_softmax(base_vals, dim=-1), logp_rl=torch.log_softmax(rl_on_ids, dim=-1))
 
 
 def every_token_delta_logp(logp_base: torch.Tensor, logp_rl: torch.Tensor, rule: DecodingRule) -> torch.Tensor:
-    """Δlog p(v) for every token v, `[N, V]`: what the gate would have read had ŷ been v (exact, or
-    the top-k approximation's returned log-probs, as `token_delta_logp` / `top_k_token_delta_logp`)."""
-    if not rule.base_top_k_approximation:
-        return logp_rl - logp_base
-    k = min(rule.base_top_k_approximation, logp_rl.shape[-1])
-    rl_vals, rl_ids = torch.topk(logp_rl, k, dim=-1)
-    in_rl = torch.zeros_like(logp_rl, dtype=torch.bool).scatter_(-1, rl_ids, True)
-    return torch.where(in_rl, logp_rl, rl_vals[..., -1:]) - logp_base
+    """Δlog p(v) for every token v, `[N, V]`: what the gate would have read had ŷ been v. Exact:
+    log π_RL(v) − log π_B(v); top-k approximation: `returned_rl_log_probs`(v) − log π_B(v)."""
+    k = rule.base_top_k_approximation
+    return (returned_rl_log_probs(logp_rl, k) if k else logp_rl) - logp_base
 
 
 # ----------------------------------------------------------------------------- gate + resample
@@ -196,7 +180,7 @@ def evaluate_gate(
     """Step 2: (s, g) = (criterion score, fired) at N positions; logp_* full-vocabulary log π (T = 1)."""
     if rule.base_top_k_approximation:
         view = base_top_k_view(logp_base, logp_rl, rule.base_top_k_approximation)
-        delta = top_k_token_delta_logp(view, logp_base, logp_rl, proposal)
+        delta = every_token_delta_logp(logp_base, logp_rl, rule).gather(-1, proposal.unsqueeze(-1)).squeeze(-1)
         inputs = GateInputs(view.logp_base, view.logp_rl, delta, u_gate)
     else:
         inputs = GateInputs(logp_base, logp_rl, token_delta_logp(logp_base, logp_rl, proposal), u_gate)
