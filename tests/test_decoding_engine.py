@@ -375,7 +375,7 @@ def test_scorer_drafted_rounds_match_the_step_loop_in_distribution(rule):
             assert fired == bool(np_fires(rule.criterion, score, rule.threshold))
 
 
-def test_scorer_drafted_rounds_do_not_depend_on_the_batch_or_draft_length(models):
+def test_scorer_drafted_rounds_do_not_depend_on_the_batch_or_chunking(models, monkeypatch):
     base, rl = models
     rule = RULES["delta_logp"]
     alone = [decoder(base, rl, rule, seed=3, draft_len=3, max_batch_size=1, draft_model="scorer").generate([r])[0]
@@ -384,6 +384,10 @@ def test_scorer_drafted_rounds_do_not_depend_on_the_batch_or_draft_length(models
                        draft_model="scorer").generate(REQUESTS)
     assert [(r.tokens, r.replaced) for r in alone] == [(r.tokens, r.replaced) for r in together]
     assert any(any(r.replaced) for r in alone)
+    monkeypatch.setattr(engine, "LAW_CHUNK_ROWS", 5)  # the step law built in chunks of positions: same results
+    chunked = decoder(base, rl, rule, seed=3, draft_len=3, max_batch_size=4, admit_min=1,
+                      draft_model="scorer").generate(REQUESTS)
+    assert [(r.tokens, r.replaced, r.scores) for r in chunked] == [(r.tokens, r.replaced, r.scores) for r in together]
     # `none` cannot fire: nothing to verify, the proposer drafts as usual
     none = decoder(base, rl, DecodingRule("none", 0.0, top_p=0.8), seed=3, draft_len=3, draft_model="scorer")
     assert not none.scorer_drafts and none.stats.scoring_forwards == 0

@@ -125,6 +125,8 @@ class EngineStats:
 
 
 DRAFT_MODELS = ("proposer", "scorer")
+# Positions whose step law (several [rows, V] float64 tensors) a scorer-drafted round builds at once.
+LAW_CHUNK_ROWS = 256
 
 # Architectures whose causal-LM logits are exactly lm_head(final hidden state): no soft-capping or
 # logit scaling, so the scorer may project only the positions it needs.
@@ -649,14 +651,15 @@ class TwoModelDecoder:
         logits = self._forward(self.proposer, b.caches[0], draft.inputs, draft.mask, pos_ids, keep=k)
         logp_score = torch.stack(draft.logp, dim=1).flatten(0, 1)
         logp_base, logp_rl = self._as_base_rl(log_softmax(logits).flatten(0, 1), logp_score)
-        law = step_law(logp_base, logp_rl, self.rule)
-        drafted = draft.proposal.flatten()
-        draft_law = draft.draft_law.flatten(0, 1).to(torch.float64).exp()
-        emitted = speculative_accept(law.emitted, draft_law, drafted, u[rng.STREAM_RESAMPLE].flatten())
-        fired, _, score = latent_gate(
-            law, emitted, u[rng.STREAM_GATE].flatten(), u[rng.STREAM_PROPOSAL].flatten(), logp_base, logp_rl, self.rule
-        )
-        verdict = _Verdict(score.view(b_rows, k), fired.view(b_rows, k), None, None)
+        drafted, draft_law = draft.proposal.flatten(), draft.draft_law.flatten(0, 1)
+        u_res, u_gate, u_prop = (u[s].flatten() for s in (rng.STREAM_RESAMPLE, rng.STREAM_GATE, rng.STREAM_PROPOSAL))
+        emitted, fired, score = torch.empty_like(drafted), torch.empty_like(drafted, dtype=torch.bool), []
+        for r in torch.arange(b_rows * k, device=self.device).split(LAW_CHUNK_ROWS):  # a few [rows, V] float64 each
+            law = step_law(logp_base[r], logp_rl[r], self.rule)
+            emitted[r] = speculative_accept(law.emitted, draft_law[r].to(torch.float64).exp(), drafted[r], u_res[r])
+            fired[r], _, s = latent_gate(law, emitted[r], u_gate[r], u_prop[r], logp_base[r], logp_rl[r], self.rule)
+            score.append(s)
+        verdict = _Verdict(torch.cat(score).view(b_rows, k), fired.view(b_rows, k), None, None)
         return verdict, self._cut(emitted.view(b_rows, k), draft.proposal, positions)
 
     def _cut(self, emitted: torch.Tensor, drafted: torch.Tensor, positions: torch.Tensor) -> _Settled:

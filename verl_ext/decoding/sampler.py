@@ -295,22 +295,15 @@ class StepLaw:
 
     proposal: torch.Tensor  # [N, V] p_prop
     fire: torch.Tensor  # [N, V] or [N, 1] G(v) = P(fires | ŷ = v)
-    resample: torch.Tensor  # [N, V] q
-
-    @property
-    def kept(self) -> torch.Tensor:
-        """[N, V] P(ŷ = v, the gate does not fire) = p_prop(v)·(1 − G(v))."""
-        return self.proposal * (1 - self.fire)
-
-    @property
-    def emitted(self) -> torch.Tensor:
-        """[N, V] m(y) = p_prop(y)(1 − G(y)) + [Σ_v p_prop(v) G(v)]·q(y): the law of the emitted token."""
-        return self.kept + (self.proposal * self.fire).sum(-1, keepdim=True) * self.resample
+    kept: torch.Tensor  # [N, V] P(ŷ = v, the gate does not fire) = p_prop(v)·(1 − G(v))
+    emitted: torch.Tensor  # [N, V] m(y) = p_prop(y)(1 − G(y)) + [Σ_v p_prop(v) G(v)]·q(y)
 
 
 def step_law(logp_base: torch.Tensor, logp_rl: torch.Tensor, rule: DecodingRule) -> StepLaw:
-    return StepLaw(proposal_probs(logp_base, logp_rl, rule), fire_probability(logp_base, logp_rl, rule),
-                   resampling_probs(logp_base, logp_rl, rule))
+    """The step's distributions, m being the law of the emitted token (the module docstring's p(y))."""
+    p, g = proposal_probs(logp_base, logp_rl, rule), fire_probability(logp_base, logp_rl, rule)
+    kept = p * (1 - g)
+    return StepLaw(p, g, kept, kept + (p * g).sum(-1, keepdim=True) * resampling_probs(logp_base, logp_rl, rule))
 
 
 def latent_gate(
