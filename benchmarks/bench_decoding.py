@@ -47,7 +47,7 @@ import torch
 from transformers import Qwen2Config, Qwen2ForCausalLM
 
 from verl_ext.decoding import rng
-from verl_ext.decoding.engine import Request, TwoModelDecoder, expected_tokens, replace_ratio
+from verl_ext.decoding.engine import Request, TwoModelDecoder, replace_ratio, speculative_speed_bound
 from verl_ext.decoding.sampler import DecodingRule, two_stage_step
 from verl_ext.distributions import log_softmax
 
@@ -120,11 +120,6 @@ def calibrated_rule(criterion, ratio, base, rl, reqs, common, top_p, coupling):
 def stop_rate(d: TwoModelDecoder) -> float:
     """Cuts by a resample that differs from the draft, per position that could cut (E[min(G,k)]'s r)."""
     return d.stats.mismatches / d.stats.checked if d.stats.checked else float("nan")
-
-
-def bound(r: float, c: float, k_max: int = 16) -> tuple[float, int]:
-    """max_k E[min(G,k)]/(k + c) and its k (see the module docstring)."""
-    return max((expected_tokens(r, k) / (k + c), k) for k in range(1, k_max + 1))
 
 
 def main():
@@ -229,7 +224,7 @@ def main():
         line = f"best spec / single (target >= 0.8 at ~{a.ratio:.0%} replace ratio), {label}: {best} {vs_single[best]:.3f}"
         if crit == "dlogp":
             r = statistics.median(stop_rate(decoders[n]) for n in specs if "auto" not in n)
-            b, k = bound(r, c)
+            b, k = speculative_speed_bound(r, c, max_len=16)
             line += f"   [π_B drafts: bound {b:.3f} at k={k}: r={r:.3f}, scoring pass = {c:.2f} draft steps]"
         print(line)
     print(f"step / official = {tps['dlogp step'] / tps['official']:.2f}x")

@@ -26,7 +26,7 @@ from pathlib import Path
 import torch
 from hydra import compose, initialize_config_dir
 
-from verl_ext.decoding.engine import Request, TwoModelDecoder, expected_tokens
+from verl_ext.decoding.engine import Request, TwoModelDecoder, speculative_speed_bound
 from verl_ext.decoding.sampler import DecodingRule, sampling_log_probs, step_law
 from verl_ext.decoding.sweep import load_models_and_problems
 from verl_ext.distributions import entropy, log_softmax
@@ -58,10 +58,6 @@ def calibrated(criterion: str, fire_rate: float, lb, lr, top_p: float, temperatu
     return rule
 
 
-def bound(cut_rate: float, k_max: int = 32) -> tuple[float, int]:
-    return max((expected_tokens(cut_rate, k) / (k + 1), k) for k in range(1, k_max + 1))
-
-
 def main(overrides: list[str]) -> None:
     torch.set_grad_enabled(False)
     with initialize_config_dir(config_dir=str(CONFIGS), version_base=None):
@@ -87,7 +83,7 @@ def main(overrides: list[str]) -> None:
             law = step_law(lb, lr, rule)
             m = law.emitted
             cut_b, cut_r = float(tv(law.proposal, m).mean()), float(tv(draft_rl, m).mean())
-            (bb, kb), (br, kr) = bound(cut_b), bound(cut_r)
+            (bb, kb), (br, kr) = (speculative_speed_bound(cut, 1.0, max_len=32) for cut in (cut_b, cut_r))
             print(f"{criterion:<13} {float((law.proposal * law.fire).sum(-1).mean()):>5.3f} {rule.threshold:>8.3f} "
                   f"{cut_b:>15.4f} {cut_r:>16.4f} {bb:>6.3f} k={kb:<2} {br:>6.3f} k={kr:<2}")
 

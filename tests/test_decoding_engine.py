@@ -23,6 +23,7 @@ from verl_ext.decoding.engine import (
     compaction_index,
     expected_tokens,
     replace_ratio,
+    speculative_speed_bound,
 )
 from verl_ext.decoding.sampler import DecodingRule
 
@@ -444,6 +445,14 @@ def test_expected_tokens_is_the_mean_of_min_geometric_k():
         assert abs(expected_tokens(r, k) - sim) < 0.02, (r, k)
     assert expected_tokens(0.0, 5) == 5.0 and expected_tokens(1.0, 5) == 1.0
     assert expected_tokens(1e-18, 5) == pytest.approx(5.0)  # no cancellation at tiny r
+
+
+def test_speculative_speed_bound_is_the_best_tokens_per_cost_over_draft_lengths():
+    # r = 0.1, c = 1: E[min(G,k)]/(k+1) = (1 − 0.9^k)/(0.1(k+1)); k=3: 0.6775, k=4: 0.6878, k=5: 0.6825
+    ratio, k = speculative_speed_bound(0.1, 1.0, max_len=16)
+    assert k == 4 and ratio == pytest.approx((1 - 0.9**4) / 0.5)
+    assert speculative_speed_bound(0.0, 0.5, max_len=8) == (8 / 8.5, 8)  # no cuts: the longest draft
+    assert speculative_speed_bound(0.1, 1.0, max_len=2)[1] == 2
 
 
 def _feed(ad, rest, rate, gain=expected_tokens, rounds=40, rows=100):

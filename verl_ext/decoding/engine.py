@@ -119,7 +119,7 @@ class EngineStats:
     prefill_forwards: int = 0
     tokens: int = 0
     fired: int = 0
-    mismatches: int = 0  # rounds of a row cut where a resample differed from the draft
+    mismatches: int = 0  # rounds of a row cut where the emitted token differed from the draft
     checked: int = 0  # positions that could have cut a round (all kept ones but a round's last)
     compactions: int = 0
 
@@ -246,11 +246,11 @@ class _Batch:
 
 @dataclass
 class _Draft:
-    """What the proposer produced in one round of k positions (B rows)."""
+    """What the drafting model produced in one round of k positions (B rows)."""
 
     inputs: torch.Tensor  # [B, k] tokens fed to both models: pending, ŷ_0 .. ŷ_{k-2}
     proposal: torch.Tensor  # [B, k] the drafted tokens: ŷ_j ~ p_prop (the scorer's own draws when it drafts)
-    logp: list[torch.Tensor]  # k × [B, V] the proposer's log-probs at each position
+    logp: list[torch.Tensor]  # k × [B, V] the drafting model's log-probs at each position
     mask: torch.Tensor  # [B, L + k] attention mask including the round's k columns
     score: torch.Tensor | None  # [B, k] gate score, when the gate reads only the proposer
     fired: torch.Tensor | None  # [B, k]
@@ -317,6 +317,12 @@ def expected_tokens(stop_rate: float, k: int) -> float:
         return 1.0
     # 1 − (1−r)^k = −expm1(k·log1p(−r)): no cancellation for tiny r
     return -math.expm1(k * math.log1p(-stop_rate)) / stop_rate
+
+
+def speculative_speed_bound(stop_rate: float, scoring_cost: float, max_len: int) -> tuple[float, int]:
+    """max_k E[min(G, k)]/(k + c) over k ≤ max_len, and its k: the most a round of k draft steps and
+    one scoring pass costing c draft steps can gain over single-model decoding (one step a token)."""
+    return max((expected_tokens(stop_rate, k) / (k + scoring_cost), k) for k in range(1, max_len + 1))
 
 
 class AdaptiveDraftLen:

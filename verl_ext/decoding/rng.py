@@ -21,7 +21,7 @@ STREAM_RESAMPLE = 2  # y ~ q (π_RL or π_Extra) where the gate fired
 NUM_STREAMS = 3
 # Streams drawn only by the scorer-drafted speculative mode (engine `draft_model="scorer"`). They live
 # in a second lane (the same counters under a re-mixed key), so the three above keep their values.
-STREAM_SCORER_DRAFT = NUM_STREAMS + 0  # the scorer's draft token
+STREAM_SCORER_DRAFT = NUM_STREAMS  # the scorer's draft token
 
 _MASK64 = (1 << 64) - 1
 
