@@ -389,6 +389,14 @@ def test_scorer_drafted_rounds_do_not_depend_on_the_batch_or_chunking(models, mo
     chunked = decoder(base, rl, rule, seed=3, draft_len=3, max_batch_size=4, admit_min=1,
                       draft_model="scorer").generate(REQUESTS)
     assert [(r.tokens, r.replaced, r.scores) for r in chunked] == [(r.tokens, r.replaced, r.scores) for r in together]
+    # replacing: q is the law π_RL drafted from, reused instead of recomputed; the same results either way
+    recomputed = decoder(base, rl, rule, seed=3, draft_len=3, max_batch_size=4, admit_min=1, draft_model="scorer")
+    assert recomputed.draft_law_is_q
+    recomputed.draft_law_is_q = False
+    assert [(r.tokens, r.replaced, r.scores) for r in recomputed.generate(REQUESTS)] == \
+        [(r.tokens, r.replaced, r.scores) for r in together]
+    extrapolating = DecodingRule("delta_logp", rule.threshold, "extrapolate", gamma=0.5, top_p=rule.top_p)
+    assert not decoder(base, rl, extrapolating, draft_model="scorer").draft_law_is_q  # q = π_Extra's law there
     # `none` cannot fire: nothing to verify, the proposer drafts as usual
     none = decoder(base, rl, DecodingRule("none", 0.0, top_p=0.8), seed=3, draft_len=3, draft_model="scorer")
     assert not none.scorer_drafts and none.stats.scoring_forwards == 0

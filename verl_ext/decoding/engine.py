@@ -456,6 +456,9 @@ class TwoModelDecoder:
         if not can_fire(rule.criterion):
             self.scorer = None  # `none` never resamples: the tokens are the proposer's alone
         self.scorer_drafts = self.scorer is not None and draft_model == "scorer"
+        # replacing with π_RL (exact): q is π_RL's sampling law, the very law π_RL drafts from
+        self.draft_law_is_q = (self.scorer_drafts and self.scorer is rl and rule.resample_gamma == 0
+                               and not rule.base_top_k_approximation)
         # a gate read from the proposer alone is decided while drafting (see the module docstring)
         self.early_gate = self.scorer is not None and not self.scorer_drafts and gate_reads_proposer_only(rule)
         self.models = [m for m in (self.proposer, self.scorer) if m is not None]
@@ -661,8 +664,9 @@ class TwoModelDecoder:
         u_res, u_gate, u_prop = (u[s].flatten() for s in (rng.STREAM_RESAMPLE, rng.STREAM_GATE, rng.STREAM_PROPOSAL))
         emitted, fired, score = torch.empty_like(drafted), torch.empty_like(drafted, dtype=torch.bool), []
         for r in torch.arange(b_rows * k, device=self.device).split(LAW_CHUNK_ROWS):  # a few [rows, V] float64 each
-            law = step_law(logp_base[r], logp_rl[r], self.rule)
-            emitted[r] = speculative_accept(law.emitted, draft_law[r].to(torch.float64).exp(), drafted[r], u_res[r])
+            drafted_from = draft_law[r].to(torch.float64).exp()
+            law = step_law(logp_base[r], logp_rl[r], self.rule, drafted_from if self.draft_law_is_q else None)
+            emitted[r] = speculative_accept(law.emitted, drafted_from, drafted[r], u_res[r])
             fired[r], _, s = latent_gate(law, emitted[r], u_gate[r], u_prop[r], logp_base[r], logp_rl[r], self.rule)
             score.append(s)
         verdict = _Verdict(torch.cat(score).view(b_rows, k), fired.view(b_rows, k), None, None)

@@ -299,11 +299,17 @@ class StepLaw:
     emitted: torch.Tensor  # [N, V] m(y) = p_prop(y)(1 − G(y)) + [Σ_v p_prop(v) G(v)]·q(y)
 
 
-def step_law(logp_base: torch.Tensor, logp_rl: torch.Tensor, rule: DecodingRule) -> StepLaw:
-    """The step's distributions, m being the law of the emitted token (the module docstring's p(y))."""
+def step_law(
+    logp_base: torch.Tensor, logp_rl: torch.Tensor, rule: DecodingRule, resampling: torch.Tensor | None = None
+) -> StepLaw:
+    """The step's distributions, m being the law of the emitted token (the module docstring's p(y)).
+
+    resampling: q (`resampling_probs`) when the caller already holds it, e.g. π_RL's sampling law
+    that π_RL drafted from; computed when None."""
     p, g = proposal_probs(logp_base, logp_rl, rule), fire_probability(logp_base, logp_rl, rule)
+    q = resampling if resampling is not None else resampling_probs(logp_base, logp_rl, rule)
     kept = p * (1 - g)
-    return StepLaw(p, g, kept, kept + (p * g).sum(-1, keepdim=True) * resampling_probs(logp_base, logp_rl, rule))
+    return StepLaw(p, g, kept, kept + (p * g).sum(-1, keepdim=True) * q)
 
 
 def latent_gate(
