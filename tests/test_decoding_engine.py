@@ -461,6 +461,10 @@ def test_speculative_speed_bound_is_the_best_tokens_per_cost_over_draft_lengths(
     assert k == 4 and ratio == pytest.approx((1 - 0.9**4) / 0.5)
     assert speculative_speed_bound(0.0, 0.5, max_len=8) == (8 / 8.5, 8)  # no cuts: the longest draft
     assert speculative_speed_bound(0.1, 1.0, max_len=2)[1] == 2
+    # measured per-k costs: a k-token pass costing more than a 1-token one moves the best k down
+    assert speculative_speed_bound(0.1, {k: 1.0 for k in range(1, 17)}) == (ratio, 4)
+    ratio_k, k = speculative_speed_bound(0.1, {1: 1.0, 2: 1.2, 3: 1.5, 4: 2.5})
+    assert k == 3 and ratio_k == pytest.approx((1 - 0.9**3) / 0.1 / 4.5)
 
 
 def _feed(ad, rest, rate, gain=expected_tokens, rounds=40, rows=100):

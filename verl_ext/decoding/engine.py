@@ -63,7 +63,7 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -319,10 +319,16 @@ def expected_tokens(stop_rate: float, k: int) -> float:
     return -math.expm1(k * math.log1p(-stop_rate)) / stop_rate
 
 
-def speculative_speed_bound(stop_rate: float, scoring_cost: float, max_len: int) -> tuple[float, int]:
-    """max_k E[min(G, k)]/(k + c) over k ≤ max_len, and its k: the most a round of k draft steps and
-    one scoring pass costing c draft steps can gain over single-model decoding (one step a token)."""
-    return max((expected_tokens(stop_rate, k) / (k + scoring_cost), k) for k in range(1, max_len + 1))
+def speculative_speed_bound(
+    stop_rate: float, scoring_cost: float | Mapping[int, float], max_len: int | None = None
+) -> tuple[float, int]:
+    """max_k E[min(G, k)]/(k + c_k), and its k: the most a round of k draft steps and one scoring pass
+    costing c_k draft steps can gain over single-model decoding (one step a token).
+
+    scoring_cost: c for every k ≤ max_len (a k-token pass costing as much as a 1-token one, roughly
+    a GPU's case), or {k: c_k} measured per draft length (max_len then unused)."""
+    costs = scoring_cost if isinstance(scoring_cost, Mapping) else dict.fromkeys(range(1, max_len + 1), scoring_cost)
+    return max((expected_tokens(stop_rate, k) / (k + c), k) for k, c in costs.items())
 
 
 class AdaptiveDraftLen:
