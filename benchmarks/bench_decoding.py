@@ -49,7 +49,7 @@ import torch
 from transformers import Qwen2Config, Qwen2ForCausalLM
 
 from verl_ext.decoding import rng
-from verl_ext.decoding.engine import Request, TwoModelDecoder, replace_ratio, speculative_speed_bound
+from verl_ext.decoding.engine import Request, TwoModelDecoder, left_pad, replace_ratio, speculative_speed_bound
 from verl_ext.decoding.sampler import DecodingRule, two_stage_step
 from verl_ext.distributions import log_softmax
 
@@ -76,15 +76,15 @@ def make_models(a):
 def official_cost_model(base, rl, rule, prompts, new_tokens, seed):
     """One full forward of each model per generated token (no cache reuse); same sampler and streams."""
     dev = next(base.parameters()).device
-    seqs = torch.tensor(prompts, device=dev)
+    seqs, mask = (t.to(dev) for t in left_pad(prompts, pad_token_id=0))
     keys = rng.sequence_keys(seed, torch.arange(len(prompts), device=dev))
     for t in range(new_tokens):
-        lb = log_softmax(base(input_ids=seqs).logits[:, -1])
-        lr = log_softmax(rl(input_ids=seqs).logits[:, -1])
+        lb = log_softmax(base(input_ids=seqs, attention_mask=mask).logits[:, -1])
+        lr = log_softmax(rl(input_ids=seqs, attention_mask=mask).logits[:, -1])
         pos = torch.full_like(keys, t)
         u = [rng.uniforms(keys, pos, s) for s in (rng.STREAM_PROPOSAL, rng.STREAM_GATE, rng.STREAM_RESAMPLE)]
         y = two_stage_step(lb, lr, *u, rule).token
-        seqs = torch.cat([seqs, y[:, None]], dim=1)
+        seqs, mask = torch.cat([seqs, y[:, None]], dim=1), torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
     return len(prompts) * new_tokens
 
 
@@ -154,6 +154,8 @@ def main():
     p.add_argument("--requests", type=int, default=None, help="sequences to generate (default: --batch); more "
                    "than --batch exercises continuous batching")
     p.add_argument("--prompt-len", type=int, default=32)
+    p.add_argument("--prompt-len-spread", type=int, default=0, help="prompt lengths uniform in prompt-len ± this "
+                   "(real prompts differ in length, and every row then attends through a padding mask)")
     p.add_argument("--new-tokens", type=int, default=64)
     p.add_argument("--draft-lens", type=int, nargs="+", default=[2, 4])
     p.add_argument("--no-auto", action="store_true", help="skip the spec(auto) rows")
@@ -179,7 +181,11 @@ def main():
     eos = [a.vocab]  # an id no model can emit: every sequence runs the full length
     g = torch.Generator().manual_seed(a.seed)
     n_req = a.requests or a.batch
-    prompts = torch.randint(0, a.vocab, (n_req, a.prompt_len), generator=g).tolist()
+    if not 0 <= a.prompt_len_spread < a.prompt_len:
+        p.error(f"--prompt-len-spread must be in [0, --prompt-len), got {a.prompt_len_spread}")
+    tokens = torch.randint(0, a.vocab, (n_req, a.prompt_len + a.prompt_len_spread), generator=g).tolist()
+    spread = torch.randint(-a.prompt_len_spread, a.prompt_len_spread + 1, (n_req,), generator=g).tolist()
+    prompts = [row[: a.prompt_len + d] for row, d in zip(tokens, spread)]
     reqs = [Request(pr, stream_id=i) for i, pr in enumerate(prompts)]
     common = {"eos_token_ids": eos, "pad_token_id": 0, "max_new_tokens": a.new_tokens, "max_batch_size": a.batch,
               "seed": a.seed}
@@ -197,11 +203,11 @@ def main():
     for k in rl_draft_lens:  # π_RL drafts, π_B verifies against the step's law
         decoders[f"dlogp rl-draft({k})"] = TwoModelDecoder(base, rl, rules["dlogp"], draft_len=k, draft_model="scorer",
                                                            **common)
-    ids = torch.tensor(prompts[: a.batch], device=a.device)
+    ids, mask = (t.to(a.device) for t in left_pad(prompts[: a.batch], pad_token_id=0))
     n_off = a.official_tokens or a.new_tokens
     fns = {name: (lambda d=d: d.generate(reqs)) for name, d in decoders.items()}
     fns["hf_generate"] = lambda: base.generate(
-        input_ids=ids, attention_mask=torch.ones_like(ids), do_sample=True, top_p=a.top_p, top_k=0,
+        input_ids=ids, attention_mask=mask, do_sample=True, top_p=a.top_p, top_k=0,
         max_new_tokens=a.new_tokens, pad_token_id=0, eos_token_id=None,
     )
     fns["official"] = lambda: official_cost_model(base, rl, rules["dlogp"], prompts[: a.batch], n_off, a.seed)
@@ -221,7 +227,7 @@ def main():
                                          for t, s in zip(times[name], times["single"])) for name in fns}
 
     print(f"models: hidden={a.hidden} layers={a.layers} vocab={a.vocab} dtype={a.dtype} device={a.device} "
-          f"threads={a.threads}; coupling={a.coupling}; batch={a.batch} requests={n_req} prompt={a.prompt_len} new={a.new_tokens}; "
+          f"threads={a.threads}; coupling={a.coupling}; batch={a.batch} requests={n_req} prompt={a.prompt_len}±{a.prompt_len_spread} new={a.new_tokens}; "
           f"mean H(π_B) = {entropies.mean():.2f} nats (ln V = {torch.log(torch.tensor(float(a.vocab))):.2f}); "
           f"τ: Δlog p {rules['dlogp'].threshold:.3f}, H(π_B) {rules['H_base'].threshold:.3f}; "
           f"median of {a.repeats} repeats")

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from verl_ext import generation
-from verl_ext.cpu.hf_generate import left_pad
+from verl_ext.decoding.engine import left_pad
 from verl_ext.generation import (
     PROMPT_SUFFIX,
     Generation,

@@ -200,7 +200,7 @@ def _sample_hf(model, tokenizer, prompts, n, *, temperature, top_p, top_k, max_n
     import torch
     from transformers import GenerationConfig
 
-    from verl_ext.cpu.hf_generate import left_pad
+    from verl_ext.decoding.engine import left_pad
 
     if isinstance(model, (str, os.PathLike)):
         model = load_hf_model(model, device)

@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 import torch
 
 from verl_ext.decoding import rng
+from verl_ext.decoding.engine import left_pad
 from verl_ext.decoding.sampler import sample_from_log_probs
 
 # Sampling keys the server understands; everything else a caller sends must be a no-op value.
@@ -146,19 +147,6 @@ class Generation:
     token_ids: list[int]
     log_probs: list[float]
     finish_reason: str  # "stop" (stop token), "length" (max_tokens) or "abort"
-
-
-def left_pad(prompts: Sequence[Sequence[int]], pad_token_id: int, min_width: int = 0):
-    """[B, L] input ids and attention mask, prompts right-aligned; L = max(longest prompt, min_width)."""
-    width = max(min_width, *(len(p) for p in prompts))
-    ids = torch.full((len(prompts), width), pad_token_id, dtype=torch.long)
-    mask = torch.zeros((len(prompts), width), dtype=torch.long)
-    for row, prompt in enumerate(prompts):
-        if len(prompt) == 0:
-            raise ValueError(f"prompt {row} is empty: every request needs at least one prompt token")
-        ids[row, width - len(prompt) :] = torch.tensor(list(prompt), dtype=torch.long)
-        mask[row, width - len(prompt) :] = 1
-    return ids, mask
 
 
 @torch.no_grad()

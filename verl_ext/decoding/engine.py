@@ -168,7 +168,20 @@ def _cat_caches(a: DynamicCache, b: DynamicCache) -> DynamicCache:
     return a
 
 
-def left_pad(cache: DynamicCache, mask: torch.Tensor, width: int) -> tuple[DynamicCache, torch.Tensor]:
+def left_pad(prompts: Sequence[Sequence[int]], pad_token_id: int, min_width: int = 0):
+    """[B, L] input ids and attention mask, prompts right-aligned; L = max(longest prompt, min_width)."""
+    width = max(min_width, *(len(p) for p in prompts))
+    ids = torch.full((len(prompts), width), pad_token_id, dtype=torch.long)
+    mask = torch.zeros((len(prompts), width), dtype=torch.long)
+    for row, prompt in enumerate(prompts):
+        if len(prompt) == 0:
+            raise ValueError(f"prompt {row} is empty: every request needs at least one prompt token")
+        ids[row, width - len(prompt) :] = torch.tensor(list(prompt), dtype=torch.long)
+        mask[row, width - len(prompt) :] = 1
+    return ids, mask
+
+
+def left_pad_cache(cache: DynamicCache, mask: torch.Tensor, width: int) -> tuple[DynamicCache, torch.Tensor]:
     """Add masked-out columns on the left so the cache is `width` columns wide."""
     extra = width - mask.shape[1]
     if extra <= 0:
@@ -231,8 +244,8 @@ class _Batch:
 
     def merge(self, other: _Batch) -> _Batch:
         width = max(self.mask.shape[1], other.mask.shape[1])
-        mine = [left_pad(c, self.mask, width) for c in self.caches]
-        theirs = [left_pad(c, other.mask, width) for c in other.caches]
+        mine = [left_pad_cache(c, self.mask, width) for c in self.caches]
+        theirs = [left_pad_cache(c, other.mask, width) for c in other.caches]
         cat = lambda a, b: torch.cat([a, b])
         return _Batch(
             request_idx=self.request_idx + other.request_idx,
