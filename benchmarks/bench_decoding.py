@@ -11,7 +11,7 @@ every sequence runs the full length). Two criteria, each with τ calibrated on p
   Δlog p < τ       reads both models: the gate is known only after the RL model has scored the draft
   H(π_B) > τ       reads the base model alone: decided while drafting (see `engine.py`)
 
-Rows, tokens/s (median over `--repeats` interleaved repeats):
+Rows, tokens/s (best of `--repeats` interleaved repeats: other load only ever adds time):
 
   single           one model, batched, KV cache (TwoModelDecoder with rl=None)       -> the baseline
   hf_generate      one model, transformers `generate` (for reference)
@@ -25,7 +25,7 @@ Rows, tokens/s (median over `--repeats` interleaved repeats):
 
 Per row: replace ratio, stop rate r (cuts by a resample that differs from the draft, per drafted
 position), share of sequences identical to the step loop's (float32: a k-token forward rounds
-differently, so near-ties may flip), and the ratio to `single` (median of the per-repeat ratios).
+differently, so near-ties may flip), and the ratio to `single` (of the best times).
 
 Bounds for the Δlog p rows (the gate reads π_RL at every position): a round of k costs at least k
 draft steps plus one k-token scoring pass of c_k draft steps, and yields E[min(G,k)] =
@@ -99,7 +99,7 @@ def wall_time(fn) -> float:
 
 
 def scoring_pass_seconds(model, batch: int, ctx_len: int, ks, repeats: int, vocab: int) -> dict[int, float]:
-    """Median seconds of a k-token forward (logits at all k positions, as the Δlog p verification
+    """Best seconds of a k-token forward (logits at all k positions, as the Δlog p verification
     runs) on a cache of ctx_len tokens, for each k; the cache is cropped back after every pass."""
     dev = next(model.parameters()).device
     g = torch.Generator().manual_seed(0)
@@ -113,7 +113,7 @@ def scoring_pass_seconds(model, batch: int, ctx_len: int, ks, repeats: int, voca
         for _ in range(repeats + 1):  # the first is a warm-up
             times.append(wall_time(lambda kw=kwargs: model(**kw)))
             cache.crop(ctx_len)
-        out[k] = statistics.median(times[1:])
+        out[k] = min(times[1:])
     return out
 
 
@@ -222,15 +222,14 @@ def main():
     for _ in range(a.repeats):  # interleaved: load from other jobs hits every row alike
         for name, fn in fns.items():
             times[name].append(wall_time(fn))
-    tps = {name: tokens[name] / statistics.median(ts) for name, ts in times.items()}
-    vs_single = {name: statistics.median(tokens[name] / t / (tokens["single"] / s)
-                                         for t, s in zip(times[name], times["single"])) for name in fns}
+    tps = {name: tokens[name] / min(ts) for name, ts in times.items()}
+    vs_single = {name: tps[name] / tps["single"] for name in fns}
 
     print(f"models: hidden={a.hidden} layers={a.layers} vocab={a.vocab} dtype={a.dtype} device={a.device} "
           f"threads={a.threads}; coupling={a.coupling}; batch={a.batch} requests={n_req} prompt={a.prompt_len}±{a.prompt_len_spread} new={a.new_tokens}; "
           f"mean H(π_B) = {entropies.mean():.2f} nats (ln V = {torch.log(torch.tensor(float(a.vocab))):.2f}); "
           f"τ: Δlog p {rules['dlogp'].threshold:.3f}, H(π_B) {rules['H_base'].threshold:.3f}; "
-          f"median of {a.repeats} repeats")
+          f"best of {a.repeats} repeats")
     print(f"{'mode':<16} {'tokens/s':>9} {'replace':>8} {'stop r':>7} {'mean k':>7} {'=step':>6} {'vs single':>10} "
           f"{'vs official':>12}")
     for name in fns:
