@@ -53,7 +53,7 @@ def calibrated(criterion: str, fire_rate: float, lb, lr, top_p: float, temperatu
     for _ in range(60):
         rule = DecodingRule(criterion, (lo + hi) / 2, top_p=top_p, temperature=temperature)
         law = step_law(lb, lr, rule)
-        rate = float((law.proposal * law.fire).sum(-1).mean())
+        rate = float(law.fired.sum(-1).mean())
         lo, hi = (lo, rule.threshold) if rate > fire_rate else (rule.threshold, hi)
     return rule
 
@@ -84,7 +84,7 @@ def main(overrides: list[str]) -> None:
             m = law.emitted
             cut_b, cut_r = float(tv(law.proposal, m).mean()), float(tv(draft_rl, m).mean())
             (bb, kb), (br, kr) = (speculative_speed_bound(cut, 1.0, max_len=32) for cut in (cut_b, cut_r))
-            print(f"{criterion:<13} {float((law.proposal * law.fire).sum(-1).mean()):>5.3f} {rule.threshold:>8.3f} "
+            print(f"{criterion:<13} {float(law.fired.sum(-1).mean()):>5.3f} {rule.threshold:>8.3f} "
                   f"{cut_b:>15.4f} {cut_r:>16.4f} {bb:>6.3f} k={kb:<2} {br:>6.3f} k={kr:<2}")
 
 

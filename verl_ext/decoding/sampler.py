@@ -294,7 +294,7 @@ class StepLaw:
     """The distributions of one two-stage step at N positions (float64)."""
 
     proposal: torch.Tensor  # [N, V] p_prop
-    fire: torch.Tensor  # [N, V] or [N, 1] G(v) = P(fires | ŷ = v)
+    fired: torch.Tensor  # [N, V] P(ŷ = v, the gate fires) = p_prop(v)·G(v), G(v) = P(fires | ŷ = v)
     kept: torch.Tensor  # [N, V] P(ŷ = v, the gate does not fire) = p_prop(v)·(1 − G(v))
     emitted: torch.Tensor  # [N, V] m(y) = p_prop(y)(1 − G(y)) + [Σ_v p_prop(v) G(v)]·q(y)
 
@@ -308,8 +308,8 @@ def step_law(
     that π_RL drafted from; computed when None."""
     p, g = proposal_probs(logp_base, logp_rl, rule), fire_probability(logp_base, logp_rl, rule)
     q = resampling if resampling is not None else resampling_probs(logp_base, logp_rl, rule)
-    kept = p * (1 - g)
-    return StepLaw(p, g, kept, kept + (p * g).sum(-1, keepdim=True) * q)
+    kept, fired = p * (1 - g), p * g
+    return StepLaw(p, fired, kept, kept + fired.sum(-1, keepdim=True) * q)
 
 
 def latent_gate(
@@ -328,8 +328,7 @@ def latent_gate(
     p_fire = 1 - law.kept.gather(-1, col).squeeze(-1) / law.emitted.gather(-1, col).squeeze(-1)
     u_gate = u_gate.to(torch.float64)
     fired = u_gate < p_fire
-    p_f = law.proposal * law.fire
-    y_hat = torch.where(fired, sample_from_probs(p_f, u_proposal), token)
+    y_hat = torch.where(fired, sample_from_probs(law.fired, u_proposal), token)
     if rule.criterion == "random":
         tau = min(max(rule.threshold, 0.0), 1.0)
         below = tau * u_gate / p_fire.clamp(min=1e-300)
