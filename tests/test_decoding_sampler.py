@@ -23,7 +23,10 @@ from verl_ext.decoding.sampler import (
     latent_gate,
     resample,
     sample_from_log_probs,
+    sampling_log_probs,
+    speculative_accept,
     step_law,
+    support_columns,
     two_stage_step,
 )
 
@@ -310,6 +313,54 @@ def test_step_law_and_the_gate_drawn_given_the_token_have_the_two_stage_joint_la
     joint = np.stack([np.diag(p_prop * (1 - g)), np.outer(p_prop * g, q)])  # [fired, ŷ, y]
     cells = (fired.long() * v * v + y_hat * v + y).numpy()
     assert_matches_law(torch.tensor(cells), joint.ravel())
+
+
+def test_support_columns_lists_each_rows_tokens_in_order_padded_outside_the_support():
+    support = torch.tensor([[0, 1, 0, 1, 1], [1, 0, 0, 0, 0], [1, 1, 1, 1, 1], [0, 0, 1, 0, 0]], dtype=torch.bool)
+    columns = support_columns(support)
+    assert columns.shape == (4, 5)
+    for row, cols in zip(support.tolist(), columns.tolist()):
+        ids = [v for v, s in enumerate(row) if s]
+        assert cols[: len(ids)] == ids
+        assert all(not row[v] for v in cols[len(ids):])
+
+
+@pytest.mark.parametrize(
+    "rule",
+    [DecodingRule("delta_logp", -0.3, top_p=0.7), DecodingRule("delta_logp", -0.2, "extrapolate", gamma=0.5, top_p=0.8),
+     DecodingRule("entropy_base", 2.0, temperature=0.8, top_p=0.9), DecodingRule("random", 0.3, top_p=0.6),
+     DecodingRule("delta_logp", -0.3, top_p=0.9, base_top_k_approximation=6)],
+    ids=["delta_logp", "extrapolate", "entropy_base", "random", "top-k approximation"],
+)
+def test_step_law_on_the_draft_support_is_the_vocabulary_law_restricted(rule):
+    """Verifying π_RL's drafts builds the step law on the tokens p_prop, q or the draft law give mass
+    to: scattered back it is the law over the vocabulary, and acceptance + latent gate pick the same
+    tokens, flags and scores from the same uniforms."""
+    gen = torch.Generator().manual_seed(0)
+    n, v = 64, 40
+    lb = torch.log_softmax(3 * torch.randn(n, v, generator=gen), -1)
+    lr = torch.log_softmax(lb + 0.7 * torch.randn(n, v, generator=gen), -1)
+    draft_log_law = sampling_log_probs(lr, rule.temperature, rule.top_p)  # π_RL's drafts
+    dense = step_law(lb, lr, rule)
+    reuse = rule.resample_gamma == 0 and not rule.base_top_k_approximation  # then q is the draft law
+    for sparse in (step_law(lb, lr, rule, draft_log_law), step_law(lb, lr, rule, draft_log_law, reuse)):
+        assert sparse.columns.shape[1] < v  # a few tokens per row, not the vocabulary
+        for name in ("proposal", "fired", "kept", "emitted"):
+            scattered = torch.zeros(n, v, dtype=torch.float64).scatter_add_(-1, sparse.columns, getattr(sparse, name))
+            torch.testing.assert_close(scattered, getattr(dense, name), rtol=0, atol=1e-15)
+        scattered = torch.zeros(n, v, dtype=torch.float64).scatter_add_(-1, sparse.columns, sparse.draft)
+        torch.testing.assert_close(scattered, draft_log_law.double().exp(), rtol=0, atol=0)
+        drafted = sample_from_log_probs(draft_log_law, torch.rand(n, generator=gen, dtype=torch.float64))
+        assert torch.equal(sparse.token_of(sparse.column_of(drafted)), drafted)
+        u = [torch.rand(n, generator=gen, dtype=torch.float64) for _ in range(3)]
+        y_dense = speculative_accept(dense.emitted, draft_log_law.double().exp(), drafted, u[0])
+        y_sparse = sparse.token_of(speculative_accept(sparse.emitted, sparse.draft, sparse.column_of(drafted), u[0]))
+        assert torch.equal(y_sparse, y_dense)
+        gate_dense = latent_gate(dense, y_dense, u[1], u[2], lb, lr, rule)
+        gate_sparse = latent_gate(sparse, y_sparse, u[1], u[2], lb, lr, rule)
+        assert torch.equal(gate_sparse[0], gate_dense[0]) and torch.equal(gate_sparse[1], gate_dense[1])  # fired, ŷ
+        # scores: `random` rescales u by P(fire | y), a ratio of sums taken in another order
+        torch.testing.assert_close(gate_sparse[2], gate_dense[2], rtol=0, atol=1e-12, equal_nan=True)
 
 
 def test_unknown_names_raise_with_valid_choices():

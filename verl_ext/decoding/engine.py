@@ -71,6 +71,7 @@ import torch.nn.functional as F
 from transformers import DynamicCache
 
 from verl_ext.decoding import rng
+from verl_ext.decoding.attention import cpu_grouped_query_attention
 from verl_ext.decoding.criteria import can_fire
 from verl_ext.decoding.sampler import (
     DecodingRule,
@@ -510,11 +511,12 @@ class TwoModelDecoder:
         batch: _Batch | None = None
         while queue or (batch is not None and batch.size):
             free = self.max_batch_size - (batch.size if batch is not None else 0)
-            if queue and (free >= min(self.admit_min, len(queue)) or batch is None or batch.size == 0):
-                take = [queue.pop() for _ in range(min(free, len(queue)))]
-                new = self._prefill([requests[i] for i in take], take)
-                batch = new if batch is None or batch.size == 0 else batch.merge(new)
-            done = self._round(batch)
+            with cpu_grouped_query_attention(self.models):  # rows attend through masks (see attention.py)
+                if queue and (free >= min(self.admit_min, len(queue)) or batch is None or batch.size == 0):
+                    take = [queue.pop() for _ in range(min(free, len(queue)))]
+                    new = self._prefill([requests[i] for i in take], take)
+                    batch = new if batch is None or batch.size == 0 else batch.merge(new)
+                done = self._round(batch)
             if bool(done.any()):
                 yield from self._finished(batch, done)
                 batch = batch.select((~done).nonzero(as_tuple=True)[0])
@@ -682,10 +684,11 @@ class TwoModelDecoder:
         drafted, draft_law = draft.proposal.flatten(), draft.draft_law.flatten(0, 1)
         u_res, u_gate, u_prop = (u[s].flatten() for s in (rng.STREAM_RESAMPLE, rng.STREAM_GATE, rng.STREAM_PROPOSAL))
         emitted, fired, score = torch.empty_like(drafted), torch.empty_like(drafted, dtype=torch.bool), []
-        for r in torch.arange(b_rows * k, device=self.device).split(LAW_CHUNK_ROWS):  # a few [rows, V] float64 each
-            drafted_from = draft_law[r].to(torch.float64).exp()
-            law = step_law(logp_base[r], logp_rl[r], self.rule, drafted_from if self.draft_law_is_q else None)
-            emitted[r] = speculative_accept(law.emitted, drafted_from, drafted[r], u_res[r])
+        for r in torch.arange(b_rows * k, device=self.device).split(LAW_CHUNK_ROWS):  # a few [rows, V] each
+            # the law on the tokens p_prop, q or the draft law give mass to (a few, at top-p < 1)
+            law = step_law(logp_base[r], logp_rl[r], self.rule, draft_law[r], self.draft_law_is_q)
+            accepted = speculative_accept(law.emitted, law.draft, law.column_of(drafted[r]), u_res[r])
+            emitted[r] = law.token_of(accepted)
             fired[r], _, s = latent_gate(law, emitted[r], u_gate[r], u_prop[r], logp_base[r], logp_rl[r], self.rule)
             score.append(s)
         verdict = _Verdict(torch.cat(score).view(b_rows, k), fired.view(b_rows, k), None, None)

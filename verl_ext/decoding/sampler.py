@@ -204,23 +204,33 @@ def evaluate_gate_on_proposer(
     return evaluate_gate(logp_prop, logp_prop, proposal, u_gate, rule)
 
 
-def resampling_probs(logp_base: torch.Tensor, logp_rl: torch.Tensor, rule: DecodingRule) -> torch.Tensor:
-    """q = nucleus_top_p(softmax(log q₀ / T)), q₀ = π_RL or π_Extra(γ) (Eq. 7), over the vocabulary,
-    `[N, V]` float64; under the top-k approximation q lives on π_B's top-k ids (zero elsewhere)."""
+def resampling_log_probs(logp_base: torch.Tensor, logp_rl: torch.Tensor, rule: DecodingRule) -> torch.Tensor:
+    """log q, q = nucleus_top_p(softmax(log q₀ / T)), q₀ = π_RL or π_Extra(γ) (Eq. 7), over the
+    vocabulary, `[N, V]`; under the top-k approximation q lives on π_B's top-k ids (−inf elsewhere)."""
     k = rule.base_top_k_approximation
     if k:
         view = base_top_k_view(logp_base, logp_rl, k)
         q0 = extrapolated_log_softmax(view.logp_rl, view.logp_base, rule.resample_gamma)
-        q_on_ids = sampling_log_probs(q0, rule.temperature, rule.top_p).to(torch.float64).exp()
-        return torch.zeros_like(logp_base, dtype=torch.float64).scatter_(-1, view.ids, q_on_ids)
+        q_on_ids = sampling_log_probs(q0, rule.temperature, rule.top_p)
+        return torch.full_like(logp_base, float("-inf"), dtype=q_on_ids.dtype).scatter_(-1, view.ids, q_on_ids)
     q0 = extrapolated_log_softmax(logp_rl, logp_base, rule.resample_gamma)
-    return sampling_log_probs(q0, rule.temperature, rule.top_p).to(torch.float64).exp()
+    return sampling_log_probs(q0, rule.temperature, rule.top_p)
+
+
+def resampling_probs(logp_base: torch.Tensor, logp_rl: torch.Tensor, rule: DecodingRule) -> torch.Tensor:
+    """q of `resampling_log_probs`, `[N, V]` float64."""
+    return resampling_log_probs(logp_base, logp_rl, rule).to(torch.float64).exp()
+
+
+def proposal_log_probs(logp_base: torch.Tensor, logp_rl: torch.Tensor, rule: DecodingRule) -> torch.Tensor:
+    """log p_prop, p_prop = nucleus_top_p(softmax(log π_prop / T)) over the vocabulary, `[N, V]`."""
+    proposer = logp_base if rule.propose_from == "base" else logp_rl
+    return sampling_log_probs(proposer, rule.temperature, rule.top_p)
 
 
 def proposal_probs(logp_base: torch.Tensor, logp_rl: torch.Tensor, rule: DecodingRule) -> torch.Tensor:
-    """p_prop = nucleus_top_p(softmax(log π_prop / T)) over the vocabulary, `[N, V]` float64."""
-    proposer = logp_base if rule.propose_from == "base" else logp_rl
-    return sampling_log_probs(proposer, rule.temperature, rule.top_p).to(torch.float64).exp()
+    """p_prop of `proposal_log_probs`, `[N, V]` float64."""
+    return proposal_log_probs(logp_base, logp_rl, rule).to(torch.float64).exp()
 
 
 def fire_probability(logp_base: torch.Tensor, logp_rl: torch.Tensor, rule: DecodingRule) -> torch.Tensor:
@@ -291,25 +301,71 @@ def resample(
 
 @dataclass(frozen=True)
 class StepLaw:
-    """The distributions of one two-stage step at N positions (float64)."""
+    """The distributions of one two-stage step at N positions (float64), over W columns: the whole
+    vocabulary (`columns` None, column = token id) or, per row, the tokens in `columns`."""
 
-    proposal: torch.Tensor  # [N, V] p_prop
-    fired: torch.Tensor  # [N, V] P(ŷ = v, the gate fires) = p_prop(v)·G(v), G(v) = P(fires | ŷ = v)
-    kept: torch.Tensor  # [N, V] P(ŷ = v, the gate does not fire) = p_prop(v)·(1 − G(v))
-    emitted: torch.Tensor  # [N, V] m(y) = p_prop(y)(1 − G(y)) + [Σ_v p_prop(v) G(v)]·q(y)
+    proposal: torch.Tensor  # [N, W] p_prop
+    fired: torch.Tensor  # [N, W] P(ŷ = v, the gate fires) = p_prop(v)·G(v), G(v) = P(fires | ŷ = v)
+    kept: torch.Tensor  # [N, W] P(ŷ = v, the gate does not fire) = p_prop(v)·(1 − G(v))
+    emitted: torch.Tensor  # [N, W] m(y) = p_prop(y)(1 − G(y)) + [Σ_v p_prop(v) G(v)]·q(y)
+    columns: torch.Tensor | None = None  # [N, W] token id of each column
+    draft: torch.Tensor | None = None  # [N, W] the law drafts were drawn from, when given
+
+    def token_of(self, column: torch.Tensor) -> torch.Tensor:
+        """Token ids of per-row column indices `[N]`."""
+        return column if self.columns is None else self.columns.gather(-1, column.unsqueeze(-1)).squeeze(-1)
+
+    def column_of(self, token: torch.Tensor) -> torch.Tensor:
+        """Per-row column index of token ids `[N]`, each of which must be one of its row's columns."""
+        if self.columns is None:
+            return token
+        return (self.columns == token.unsqueeze(-1)).to(torch.uint8).argmax(-1)
+
+
+def support_columns(support: torch.Tensor) -> torch.Tensor:
+    """Per row, the token ids where `support` `[N, V]` is True, in increasing order, `[N, W]` with W
+    the largest row count; shorter rows are padded with a token outside their support (any token when
+    a row's support is the whole vocabulary, which then has no padding)."""
+    counts = support.sum(-1)
+    rows, cols = support.nonzero(as_tuple=True)  # row-major: ids increase within a row
+    starts = torch.cumsum(counts, 0) - counts
+    outside = (~support).to(torch.uint8).argmax(-1)
+    columns = outside.unsqueeze(-1).repeat(1, int(counts.max().item()) if counts.numel() else 0)
+    columns[rows, torch.arange(rows.numel(), device=support.device) - starts[rows]] = cols
+    return columns
 
 
 def step_law(
-    logp_base: torch.Tensor, logp_rl: torch.Tensor, rule: DecodingRule, resampling: torch.Tensor | None = None
+    logp_base: torch.Tensor, logp_rl: torch.Tensor, rule: DecodingRule,
+    draft_log_law: torch.Tensor | None = None, draft_is_resampling: bool = False,
 ) -> StepLaw:
     """The step's distributions, m being the law of the emitted token (the module docstring's p(y)).
 
-    resampling: q (`resampling_probs`) when the caller already holds it, e.g. π_RL's sampling law
-    that π_RL drafted from; computed when None."""
-    p, g = proposal_probs(logp_base, logp_rl, rule), fire_probability(logp_base, logp_rl, rule)
-    q = resampling if resampling is not None else resampling_probs(logp_base, logp_rl, rule)
+    Without `draft_log_law`: over the whole vocabulary. With it (log of the law `[N, V]` that drafts
+    were drawn from, for verifying them against m): over the tokens where p_prop, q or the draft law
+    has mass, the only ones any of them or the acceptance can touch (`support_columns`). In increasing
+    token order, so inverse-CDF draws over the columns pick the tokens draws over the vocabulary
+    would, from the same float values. `draft_is_resampling`: the draft law *is* q (π_RL drafted,
+    replacing exactly), reused rather than recomputed.
+    """
+    log_p = proposal_log_probs(logp_base, logp_rl, rule)
+    if draft_log_law is None:
+        p, g, q = log_p.to(torch.float64).exp(), fire_probability(logp_base, logp_rl, rule), \
+            resampling_probs(logp_base, logp_rl, rule)
+        columns = draft = None
+    else:
+        log_q = draft_log_law if draft_is_resampling else resampling_log_probs(logp_base, logp_rl, rule)
+        support = (log_p > float("-inf")) | (log_q > float("-inf")) | (draft_log_law > float("-inf"))
+        columns = support_columns(support)
+        on = lambda t: t.gather(-1, columns)
+        p, q, draft = (on(t).to(torch.float64).exp() for t in (log_p, log_q, draft_log_law))
+        if get_criterion(rule.criterion).uses_token and not rule.base_top_k_approximation:
+            g = fire_probability(on(logp_base), on(logp_rl), rule)  # 1[Δlog p(v) < τ]: elementwise
+        else:
+            g = fire_probability(logp_base, logp_rl, rule)
+            g = g if g.shape[-1] == 1 else on(g)
     kept, fired = p * (1 - g), p * g
-    return StepLaw(p, fired, kept, kept + fired.sum(-1, keepdim=True) * q)
+    return StepLaw(p, fired, kept, kept + fired.sum(-1, keepdim=True) * q, columns, draft)
 
 
 def latent_gate(
@@ -324,11 +380,11 @@ def latent_gate(
     for `random` the gate's own uniform is u_gate rescaled into [0, τ) or [τ, 1) accordingly. The
     score is then the criterion's score at ŷ, so (y, fired, score) has the step loop's joint law.
     """
-    col = token.unsqueeze(-1)
+    col = law.column_of(token).unsqueeze(-1)
     p_fire = 1 - law.kept.gather(-1, col).squeeze(-1) / law.emitted.gather(-1, col).squeeze(-1)
     u_gate = u_gate.to(torch.float64)
     fired = u_gate < p_fire
-    y_hat = torch.where(fired, sample_from_probs(law.fired, u_proposal), token)
+    y_hat = torch.where(fired, law.token_of(sample_from_probs(law.fired, u_proposal)), token)
     if rule.criterion == "random":
         tau = min(max(rule.threshold, 0.0), 1.0)
         below = tau * u_gate / p_fire.clamp(min=1e-300)
