@@ -361,6 +361,10 @@ def test_step_law_on_the_draft_support_is_the_vocabulary_law_restricted(rule):
         assert torch.equal(gate_sparse[0], gate_dense[0]) and torch.equal(gate_sparse[1], gate_dense[1])  # fired, ŷ
         # scores: `random` rescales u by P(fire | y), a ratio of sums taken in another order
         torch.testing.assert_close(gate_sparse[2], gate_dense[2], rtol=0, atol=1e-12, equal_nan=True)
+        if rule.criterion == "entropy_base":  # a prefix score, kept from building the law: H(π_B) by hand
+            by_hand = torch.tensor([-sum(math.exp(x) * x for x in row) for row in lb.double().tolist()], dtype=torch.float64)
+            torch.testing.assert_close(gate_sparse[2].double(), by_hand, rtol=1e-5, atol=1e-5)
+            assert torch.equal(gate_sparse[0], gate(rule.criterion, gate_sparse[2], rule.threshold))
 
 
 def test_unknown_names_raise_with_valid_choices():

@@ -43,6 +43,8 @@ at a 10% fire rate, TV(π_B, m) = 0.063 and TV(π_RL, m) = 0.030 per position
 may draft instead (from its own sampling distribution, stream `rng.STREAM_SCORER_DRAFT`) and the
 proposer's one pass over the k drafts verifies them: y ~ m by speculative acceptance, cut at the
 first rejection, and the flag, ŷ and score drawn from their law given y (`sampler.latent_gate`).
+The law is built on the few tokens π_B's nucleus, q or the draft law give mass to, not on the
+vocabulary (`sampler.step_law(..., draft_log_law)`; draws in token order: the same tokens).
 Every position's draws use only its own uniforms, the kept prefix depends only on earlier
 positions' draws, so sequences, flags and scores have the step loop's joint law (not its tokens).
 
@@ -169,13 +171,16 @@ def _cat_caches(a: DynamicCache, b: DynamicCache) -> DynamicCache:
     return a
 
 
-def left_pad(prompts: Sequence[Sequence[int]], pad_token_id: int, min_width: int = 0):
-    """[B, L] input ids and attention mask, prompts right-aligned; L = max(longest prompt, min_width)."""
+def left_pad(prompts: Sequence[Sequence[int]], pad_token_id: int, min_width: int = 0, allow_empty: bool = False):
+    """[B, L] input ids and attention mask, prompts right-aligned; L = max(longest prompt, min_width).
+    Empty prompts raise unless `allow_empty` (the engine pads prompt contexts, possibly empty)."""
     width = max(min_width, *(len(p) for p in prompts))
     ids = torch.full((len(prompts), width), pad_token_id, dtype=torch.long)
     mask = torch.zeros((len(prompts), width), dtype=torch.long)
     for row, prompt in enumerate(prompts):
         if len(prompt) == 0:
+            if allow_empty:
+                continue
             raise ValueError(f"prompt {row} is empty: every request needs at least one prompt token")
         ids[row, width - len(prompt) :] = torch.tensor(list(prompt), dtype=torch.long)
         mask[row, width - len(prompt) :] = 1
@@ -552,15 +557,8 @@ class TwoModelDecoder:
     def _prefill(self, reqs: list[Request], idx: list[int]) -> _Batch:
         """Cache every prompt token but the last (the pending token); left padding."""
         n = len(reqs)
-        ctx_len = max(len(r.prompt_ids) - 1 for r in reqs)
-        ids = torch.full((n, ctx_len), self.pad_token_id, dtype=torch.long)
-        mask = torch.zeros((n, ctx_len), dtype=torch.long)
-        for row, r in enumerate(reqs):
-            ctx = list(r.prompt_ids[:-1])
-            if ctx:
-                ids[row, ctx_len - len(ctx) :] = torch.tensor(ctx)
-                mask[row, ctx_len - len(ctx) :] = 1
-        ids, mask = ids.to(self.device), mask.to(self.device)
+        ids, mask = left_pad([r.prompt_ids[:-1] for r in reqs], self.pad_token_id, allow_empty=True)
+        ids, mask, ctx_len = ids.to(self.device), mask.to(self.device), ids.shape[1]
         caches = [empty_cache(m, n) for m in self.models]
         if ctx_len:
             pos = (mask.cumsum(1) - 1).clamp(min=0)

@@ -233,19 +233,31 @@ def proposal_probs(logp_base: torch.Tensor, logp_rl: torch.Tensor, rule: Decodin
     return proposal_log_probs(logp_base, logp_rl, rule).to(torch.float64).exp()
 
 
-def fire_probability(logp_base: torch.Tensor, logp_rl: torch.Tensor, rule: DecodingRule) -> torch.Tensor:
+def prefix_gate_score(logp_base: torch.Tensor, logp_rl: torch.Tensor, rule: DecodingRule) -> torch.Tensor | None:
+    """The criterion's score where it is a function of the prefix alone (entropies, KLs; NaN for
+    none/all), `[N]`; None for Δlog p and random, whose scores depend on ŷ or on a draw."""
+    if get_criterion(rule.criterion).uses_token or rule.criterion == "random":
+        return None
+    nothing = torch.zeros(logp_base.shape[0], dtype=torch.long, device=logp_base.device)  # ignored: ŷ and u
+    return evaluate_gate(logp_base, logp_rl, nothing, nothing.double(), rule)[0]
+
+
+def fire_probability(
+    logp_base: torch.Tensor, logp_rl: torch.Tensor, rule: DecodingRule, prefix_score: torch.Tensor | None = None
+) -> torch.Tensor:
     """G(v) = P(the gate fires | prefix, ŷ = v), `[N, V]` or `[N, 1]` (same for every v) float64.
 
     Δlog p < τ: 1[Δlog p(v) < τ] (`every_token_delta_logp`); random: P(u < τ) = clip(τ, 0, 1);
-    every other criterion: its gate on the prefix's score, 0 or 1.
+    every other criterion: its gate on the prefix's score (`prefix_gate_score`, computed unless
+    given), 0 or 1.
     """
     name, n = rule.criterion, logp_base.shape[0]
     if get_criterion(name).uses_token:
         return gate(name, every_token_delta_logp(logp_base, logp_rl, rule), rule.threshold).to(torch.float64)
     if name == "random":
         return torch.full((n, 1), min(max(rule.threshold, 0.0), 1.0), dtype=torch.float64, device=logp_base.device)
-    nothing = torch.zeros(n, dtype=torch.long, device=logp_base.device)  # the score ignores ŷ and u
-    return evaluate_gate(logp_base, logp_rl, nothing, nothing.double(), rule)[1].to(torch.float64).unsqueeze(-1)
+    score = prefix_score if prefix_score is not None else prefix_gate_score(logp_base, logp_rl, rule)
+    return gate(name, score, rule.threshold).to(torch.float64).unsqueeze(-1)
 
 
 def fired_proposal_probs(logp_base: torch.Tensor, logp_rl: torch.Tensor, rule: DecodingRule) -> torch.Tensor:
@@ -310,6 +322,7 @@ class StepLaw:
     emitted: torch.Tensor  # [N, W] m(y) = p_prop(y)(1 − G(y)) + [Σ_v p_prop(v) G(v)]·q(y)
     columns: torch.Tensor | None = None  # [N, W] token id of each column
     draft: torch.Tensor | None = None  # [N, W] the law drafts were drawn from, when given
+    prefix_score: torch.Tensor | None = None  # [N] `prefix_gate_score`, for criteria that have one
 
     def token_of(self, column: torch.Tensor) -> torch.Tensor:
         """Token ids of per-row column indices `[N]`."""
@@ -349,8 +362,9 @@ def step_law(
     replacing exactly), reused rather than recomputed.
     """
     log_p = proposal_log_probs(logp_base, logp_rl, rule)
+    prefix_score = prefix_gate_score(logp_base, logp_rl, rule)
     if draft_log_law is None:
-        p, g, q = log_p.to(torch.float64).exp(), fire_probability(logp_base, logp_rl, rule), \
+        p, g, q = log_p.to(torch.float64).exp(), fire_probability(logp_base, logp_rl, rule, prefix_score), \
             resampling_probs(logp_base, logp_rl, rule)
         columns = draft = None
     else:
@@ -362,10 +376,10 @@ def step_law(
         if get_criterion(rule.criterion).uses_token and not rule.base_top_k_approximation:
             g = fire_probability(on(logp_base), on(logp_rl), rule)  # 1[Δlog p(v) < τ]: elementwise
         else:
-            g = fire_probability(logp_base, logp_rl, rule)
+            g = fire_probability(logp_base, logp_rl, rule, prefix_score)
             g = g if g.shape[-1] == 1 else on(g)
     kept, fired = p * (1 - g), p * g
-    return StepLaw(p, fired, kept, kept + fired.sum(-1, keepdim=True) * q, columns, draft)
+    return StepLaw(p, fired, kept, kept + fired.sum(-1, keepdim=True) * q, columns, draft, prefix_score)
 
 
 def latent_gate(
@@ -378,7 +392,8 @@ def latent_gate(
     y) = p_prop(v)G(v)·q(y), so P(fire | y) = 1 − p_prop(y)(1 − G(y))/m(y) and, given a fire, ŷ ~ p_F
     independently of y. fired = u_gate < P(fire | y); ŷ = y, or drawn from p_F with u_proposal;
     for `random` the gate's own uniform is u_gate rescaled into [0, τ) or [τ, 1) accordingly. The
-    score is then the criterion's score at ŷ, so (y, fired, score) has the step loop's joint law.
+    score is then the criterion's score at ŷ (the law's `prefix_score` where the score ignores ŷ),
+    so (y, fired, score) has the step loop's joint law.
     """
     col = law.column_of(token).unsqueeze(-1)
     p_fire = 1 - law.kept.gather(-1, col).squeeze(-1) / law.emitted.gather(-1, col).squeeze(-1)
@@ -390,6 +405,8 @@ def latent_gate(
         below = tau * u_gate / p_fire.clamp(min=1e-300)
         above = tau + (1 - tau) * (u_gate - p_fire) / (1 - p_fire).clamp(min=1e-300)
         u_gate = torch.where(fired, below, above).clamp(0.0, 1.0 - 2.0**-53)
+    if law.prefix_score is not None:  # the score does not depend on ŷ: the law already holds it
+        return fired, y_hat, law.prefix_score
     score, _ = evaluate_gate(logp_base, logp_rl, y_hat, u_gate, rule)
     return fired, y_hat, score
 
