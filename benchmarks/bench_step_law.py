@@ -25,19 +25,19 @@ from verl_ext.decoding.sampler import (
     sampling_log_probs,
     speculative_accept,
     step_law,
+    verify_drafts,
 )
 from verl_ext.distributions import entropy
 
 
 def verify(lb, lr, draft_log_law, drafted, u, rule, on_support: bool):
-    """What `engine._verify_scorer_draft` does per chunk: law, acceptance, latent gate."""
+    """Acceptance and latent gate: as the engine runs them (`sampler.verify_drafts`, the law on the
+    draft support), or with the law over the vocabulary."""
     if on_support:
-        law = step_law(lb, lr, rule, draft_log_law, draft_is_resampling=True)
-        y = law.token_of(speculative_accept(law.emitted, law.draft, law.column_of(drafted), u[0]))
-    else:
-        draft = draft_log_law.double().exp()
-        law = step_law(lb, lr, rule)
-        y = speculative_accept(law.emitted, draft, drafted, u[0])
+        out = verify_drafts(lb, lr, rule, draft_log_law, drafted, *u, draft_is_resampling=True)
+        return out.token, out.fired
+    law = step_law(lb, lr, rule)
+    y = speculative_accept(law.emitted, draft_log_law.double().exp(), drafted, u[0])
     fired, _, _ = latent_gate(law, y, u[1], u[2], lb, lr, rule)
     return y, fired
 

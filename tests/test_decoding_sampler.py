@@ -28,6 +28,7 @@ from verl_ext.decoding.sampler import (
     step_law,
     support_columns,
     two_stage_step,
+    verify_drafts,
 )
 
 M64 = (1 << 64) - 1
@@ -343,7 +344,8 @@ def test_step_law_on_the_draft_support_is_the_vocabulary_law_restricted(rule):
     draft_log_law = sampling_log_probs(lr, rule.temperature, rule.top_p)  # π_RL's drafts
     dense = step_law(lb, lr, rule)
     reuse = rule.resample_gamma == 0 and not rule.base_top_k_approximation  # then q is the draft law
-    for sparse in (step_law(lb, lr, rule, draft_log_law), step_law(lb, lr, rule, draft_log_law, reuse)):
+    for reused in sorted({False, reuse}):
+        sparse = step_law(lb, lr, rule, draft_log_law, reused)
         assert sparse.columns.shape[1] < v  # a few tokens per row, not the vocabulary
         for name in ("proposal", "fired", "kept", "emitted"):
             scattered = torch.zeros(n, v, dtype=torch.float64).scatter_add_(-1, sparse.columns, getattr(sparse, name))
@@ -361,6 +363,9 @@ def test_step_law_on_the_draft_support_is_the_vocabulary_law_restricted(rule):
         assert torch.equal(gate_sparse[0], gate_dense[0]) and torch.equal(gate_sparse[1], gate_dense[1])  # fired, ŷ
         # scores: `random` rescales u by P(fire | y), a ratio of sums taken in another order
         torch.testing.assert_close(gate_sparse[2], gate_dense[2], rtol=0, atol=1e-12, equal_nan=True)
+        verified = verify_drafts(lb, lr, rule, draft_log_law, drafted, *u, reused)  # what the engine runs
+        assert torch.equal(verified.token, y_dense) and torch.equal(verified.fired, gate_dense[0])
+        torch.testing.assert_close(verified.score, gate_dense[2], rtol=0, atol=1e-12, equal_nan=True)
         if rule.criterion == "entropy_base":  # a prefix score, kept from building the law: H(π_B) by hand
             by_hand = torch.tensor([-sum(math.exp(x) * x for x in row) for row in lb.double().tolist()], dtype=torch.float64)
             torch.testing.assert_close(gate_sparse[2].double(), by_hand, rtol=1e-5, atol=1e-5)

@@ -80,12 +80,10 @@ from verl_ext.decoding.sampler import (
     evaluate_gate,
     evaluate_gate_on_proposer,
     gate_reads_proposer_only,
-    latent_gate,
     resample,
     sample_from_log_probs,
     sampling_log_probs,
-    speculative_accept,
-    step_law,
+    verify_drafts,
 )
 from verl_ext.distributions import log_softmax
 
@@ -684,11 +682,10 @@ class TwoModelDecoder:
         emitted, fired, score = torch.empty_like(drafted), torch.empty_like(drafted, dtype=torch.bool), []
         for r in torch.arange(b_rows * k, device=self.device).split(LAW_CHUNK_ROWS):  # a few [rows, V] each
             # the law on the tokens p_prop, q or the draft law give mass to (a few, at top-p < 1)
-            law = step_law(logp_base[r], logp_rl[r], self.rule, draft_law[r], self.draft_law_is_q)
-            accepted = speculative_accept(law.emitted, law.draft, law.column_of(drafted[r]), u_res[r])
-            emitted[r] = law.token_of(accepted)
-            fired[r], _, s = latent_gate(law, emitted[r], u_gate[r], u_prop[r], logp_base[r], logp_rl[r], self.rule)
-            score.append(s)
+            out = verify_drafts(logp_base[r], logp_rl[r], self.rule, draft_law[r], drafted[r], u_res[r], u_gate[r],
+                                u_prop[r], self.draft_law_is_q)
+            emitted[r], fired[r] = out.token, out.fired
+            score.append(out.score)
         verdict = _Verdict(torch.cat(score).view(b_rows, k), fired.view(b_rows, k), None, None)
         return verdict, self._cut(emitted.view(b_rows, k), draft.proposal, positions)
 

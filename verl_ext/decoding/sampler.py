@@ -411,6 +411,21 @@ def latent_gate(
     return fired, y_hat, score
 
 
+def verify_drafts(
+    logp_base: torch.Tensor, logp_rl: torch.Tensor, rule: DecodingRule, draft_log_law: torch.Tensor,
+    drafted: torch.Tensor, u_resample: torch.Tensor, u_gate: torch.Tensor, u_proposal: torch.Tensor,
+    draft_is_resampling: bool = False,
+) -> StepOutcome:
+    """One step at N positions whose token was drafted from another law: y ~ m by speculative
+    acceptance of the draft (`speculative_accept`, target the step law m on the draft support,
+    `step_law(..., draft_log_law)`), then the gate's flag and score given y (`latent_gate`).
+    logp_* `[N, V]` (T = 1), draft_log_law `[N, V]`, drafted and the uniforms `[N]`."""
+    law = step_law(logp_base, logp_rl, rule, draft_log_law, draft_is_resampling)
+    token = law.token_of(speculative_accept(law.emitted, law.draft, law.column_of(drafted), u_resample))
+    fired, _, score = latent_gate(law, token, u_gate, u_proposal, logp_base, logp_rl, rule)
+    return StepOutcome(token=token, fired=fired, score=score)
+
+
 def gate_and_resample(
     logp_base: torch.Tensor,
     logp_rl: torch.Tensor,
