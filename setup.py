@@ -41,7 +41,7 @@ setup(
     extras_require={
         # Versions from verl 0.9.1's own `vllm` and `flash-attn-cu130torch211` extras.
         "gpu": ["vllm==0.24.0", "flash-attn==2.8.3"],
-        "dev": ["pytest>=8", "ruff"],
+        "dev": ["pytest>=8", "pytest-xdist>=3.5", "ruff"],
     },
     entry_points={
         # verl loads this group on `import verl` in every process, Ray workers included.
