@@ -210,6 +210,18 @@ class ScriptCluster:
             return "worker", worker.stdout
         return None, ""
 
+    def status_listing(self, node_ids: list[str], temp_dir: str) -> subprocess.CompletedProcess:
+        """`ray_cluster.sh status`, asked again until it lists every node of the node table: Ray's
+        autoscaler report lags the node table by a few seconds on a busy machine (seen in CI: the
+        worker was in ray.nodes() but not yet in the report)."""
+        deadline = time.monotonic() + QUERY_TIMEOUT_S
+        while True:
+            status = self.script("status", "--temp-dir", temp_dir, timeout=QUERY_TIMEOUT_S)
+            listed = status.returncode == 0 and all(i in status.stdout for i in node_ids)
+            if listed or time.monotonic() >= deadline:
+                return status
+            time.sleep(2)
+
     def nodes(self) -> list[dict]:
         """The node table, as a driver connected to the cluster sees it."""
         proc = subprocess.run(
@@ -346,7 +358,7 @@ def test_top_p_ablation_trains_on_a_two_node_cluster_from_ray_cluster_sh(tmp_pat
     try:
         cluster.start()
         nodes_before = cluster.nodes()
-        status = cluster.script("status", "--temp-dir", temp_dir, timeout=QUERY_TIMEOUT_S)
+        status = cluster.status_listing([n["id"] for n in nodes_before], temp_dir)
         result = _run_ablation_on(cluster, tmp_path)
         nodes_after = cluster.nodes()
     finally:
