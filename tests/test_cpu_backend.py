@@ -362,14 +362,15 @@ def _rollout_config(**overrides):
     from verl.workers.config import RolloutConfig
 
     values = {
-        "name": "hf",
+        "name": "hf_reproducible",
+        "full_determinism": True,
         "tensor_model_parallel_size": 1,
         "prompt_length": 32,
         "response_length": 8,
         "dtype": "float32",
         "load_format": "auto",
         "max_num_seqs": 64,
-        "engine_kwargs": {"hf": {"num_threads": 1, "batch_idle_ms": 50}},
+        "engine_kwargs": {"hf_reproducible": {"num_threads": 1, "batch_idle_ms": 50}},
     }
     values.update(overrides)
     return RolloutConfig(**values)
@@ -430,8 +431,8 @@ def _start_server(ray, assets, name_suffix: str, **config):
     return actor
 
 
-def test_full_determinism_gives_each_request_its_own_stream(ray_cluster, assets, model_and_tokenizer):
-    """rollout.full_determinism: a fresh server given the requests in another order, in other batches,
+def test_every_request_gets_its_own_stream(ray_cluster, assets, model_and_tokenizer):
+    """A fresh server given the requests in another order, in other batches,
     returns the same tokens per request; the second time a request comes it gets a new stream. Both
     id schemes of verl: "det-<row>" (synchronous agent loop) and "det-0" for every request (the v1
     trainer's TransferQueue loop passes no row), where the prompt tells requests apart and identical
@@ -441,7 +442,7 @@ def test_full_determinism_gives_each_request_its_own_stream(ray_cluster, assets,
     params = {"temperature": 1.0, "top_p": 1.0, "logprobs": True}
 
     def run(order, suffix, ids):
-        server = _start_server(ray_cluster, assets, suffix, full_determinism=True, seed=3)
+        server = _start_server(ray_cluster, assets, suffix, seed=3)
         try:
             outs = {}
             for _ in range(2):  # two "steps": every request comes twice
@@ -514,12 +515,12 @@ def test_server_rejects_unknown_weights(ray_cluster, server):
         ray_cluster.get(server.receive_weights.remote([("not_a_weight", torch.zeros(1))]))
 
 
-def test_hf_backend_is_registered_with_verl():
+def test_hf_reproducible_backend_is_registered_with_verl():
     from verl.workers.rollout.base import get_rollout_class
     from verl.workers.rollout.replica import RolloutReplicaRegistry
 
     from verl_ext.cpu.rollout import HFReplica, HFServerAdapter
 
-    assert RolloutReplicaRegistry.get("hf") is HFReplica
-    assert get_rollout_class("hf", "async") is HFServerAdapter
+    assert RolloutReplicaRegistry.get("hf_reproducible") is HFReplica
+    assert get_rollout_class("hf_reproducible", "async") is HFServerAdapter
     assert hf_generate.SamplingSpec is SamplingSpec

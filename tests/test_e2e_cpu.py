@@ -2,8 +2,10 @@
 
 The runs use the user's command (`scripts/run_dapo_reweight.sh`, preset tiny-cpu, which loads
 configs/preset/tiny-cpu.yaml) with dynamic sampling and the `dapo` reward manager forced on.
-One 2-step run (checkpoint after each step), then a 3-step run in the same folder that must
-resume from step 2 instead of starting over. About 2 minutes per run on a 2-core machine.
+One 2-step run through verl's own `vllm` rollout (vLLM's CPU build; checkpoint after each step),
+then a 3-step run in the same folder that must resume from step 2 instead of starting over; and
+two runs through the `hf_reproducible` rollout that must log the same numbers. About 2 minutes
+per run on a 2-core machine.
 """
 
 from __future__ import annotations
@@ -75,6 +77,7 @@ def first_run(tmp_path_factory):
 def test_dapo_training_runs_two_steps_on_cpu(first_run, step_metrics):
     run_dir, code, log = first_run
     assert code == 0, _tail(log)
+    assert "vLLMHttpServer" in log, "the default CPU run must roll out through verl's vLLM server"
     metrics = step_metrics(log)
     assert sorted(metrics) == [1, 2], _tail(log)
     for step, values in metrics.items():
@@ -83,7 +86,7 @@ def test_dapo_training_runs_two_steps_on_cpu(first_run, step_metrics):
         assert "actor/reweight/weight_mean" in values, f"step {step}: the dapo_reweight loss logged no weights"
         assert values["actor/reweight/weight_max"] >= values["actor/reweight/weight_min"] >= 1.0
         assert any(k.startswith("val-core/") for k in values), f"step {step}: no validation metrics"
-        # rollout log-probs (hf backend) agree with the trainer's recomputation
+        # vLLM's rollout log-probs agree with the trainer's recomputation (both float32 here)
         assert values["training/rollout_probs_diff_mean"] < 0.05
     assert saved_steps(run_dir) == {1, 2}
     # the newcomer's summary: what was trained and where checkpoints and logs are
@@ -115,14 +118,20 @@ def test_wandb_offline_run_has_the_hook_metrics_and_every_dashboard_panel(first_
 NONDETERMINISTIC = re.compile(r"timing|time_|perf/|throughput|memory")
 
 
+REPRODUCIBLE = ["actor_rollout_ref.rollout.name=hf_reproducible", "actor_rollout_ref.rollout.full_determinism=true"]
+
+
 @pytest.mark.slow
-def test_a_rerun_with_the_same_seed_logs_the_same_numbers(first_run, tmp_path, step_metrics):
-    """The tiny preset sets rollout.full_determinism: a second run in a fresh folder logs every
-    metric (rewards, losses, weights, evictions, validation) bit for bit as the first, timings aside."""
-    _, first_code, first_log = first_run
-    code, log = run_training(tmp_path, "rerun", "trainer.total_training_steps=2")
-    assert first_code == 0 and code == 0, _tail(log)
-    first, again = step_metrics(first_log), step_metrics(log)
+def test_a_rerun_with_the_same_seed_logs_the_same_numbers(tmp_path_factory, step_metrics):
+    """rollout hf_reproducible + full_determinism: a second run in a fresh folder logs every metric
+    (rewards, losses, weights, evictions, validation) bit for bit as the first, timings aside."""
+    logs = []
+    for name in ("reproducible", "rerun"):
+        code, log = run_training(tmp_path_factory.mktemp(name), name, "trainer.total_training_steps=2", *REPRODUCIBLE)
+        assert code == 0, _tail(log)
+        assert "hf_reproducible" in log
+        logs.append(log)
+    first, again = (step_metrics(log) for log in logs)
     assert sorted(again) == sorted(first) == [1, 2]
     for step in first:
         keys = {k for k in first[step] if not NONDETERMINISTIC.search(k)}

@@ -94,6 +94,11 @@ def prepare_config(config: DictConfig) -> DictConfig:
         raise ValueError(
             f"replay_buffer_poll_s={poll_s!r} is invalid; valid: a number of seconds > 0, or null (verl's 2 s)"
         )
+    from verl_ext.vllm_cpu import rollout_problems
+
+    problems = rollout_problems(config.actor_rollout_ref.rollout, config.actor_rollout_ref.model.path)
+    if problems:
+        raise ValueError("; ".join(problems))
     # verl's own validation, which also builds the actor dataclasses (our weighting checks).
     validate_config(config=config, use_reference_policy=need_reference_policy(config), use_critic=need_critic(config))
     return config

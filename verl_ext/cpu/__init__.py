@@ -1,14 +1,16 @@
-"""Run verl's trainer without a GPU: a `cpu` platform and an `hf` rollout backend.
+"""Run verl's trainer without a GPU: a `cpu` platform and the `hf_reproducible` rollout backend.
 
 Importing this package registers both with verl (it is imported by `verl_ext.verl_plugin`,
 which verl loads in every process). Registration only adds names to verl's registries; nothing
 changes until a run selects them:
 
 - platform `cpu`: environment variable `VERL_PLATFORM=cpu` (never auto-detected);
-- rollout `hf`: `actor_rollout_ref.rollout.name=hf`.
+- rollout `hf_reproducible` (bit-identical reruns, `verl_ext.cpu.rollout`):
+  `actor_rollout_ref.rollout.name=hf_reproducible actor_rollout_ref.rollout.full_determinism=true`.
+  CPU runs otherwise use verl's own `vllm` rollout on vLLM's CPU build (`verl_ext.vllm_cpu`).
 
-The heavy modules (transformers generation, the Ray server) load only when `hf` is used.
-`configs/preset/tiny-cpu.yaml` holds every override a CPU run needs.
+The heavy modules (transformers generation, the Ray server) load only when `hf_reproducible` is
+used. `configs/preset/tiny-cpu.yaml` holds every override a CPU run needs.
 """
 
 import os
@@ -48,7 +50,7 @@ from verl.workers.rollout.replica import RolloutReplicaRegistry
 from verl_ext.cpu import platform as platform
 from verl_ext.cpu.platform import PLATFORM_NAME, cpu_platform_selected  # noqa: F401
 
-ROLLOUT_NAME = "hf"
+ROLLOUT_NAME = "hf_reproducible"
 ADAPTER_FQN = "verl_ext.cpu.rollout.HFServerAdapter"
 
 
@@ -59,7 +61,7 @@ def _load_hf_replica():
 
 
 def register_rollout() -> None:
-    """Register the `hf` replica (driver side) and its worker adapter (verl's rollout table)."""
+    """Register the `hf_reproducible` replica (driver side) and its worker adapter (verl's rollout table)."""
     RolloutReplicaRegistry.register(ROLLOUT_NAME, _load_hf_replica)
     _rollout_base._ROLLOUT_REGISTRY[(ROLLOUT_NAME, "async")] = ADAPTER_FQN
 

@@ -1,11 +1,16 @@
-"""verl rollout backend `hf`: a transformers generation server for machines without vLLM.
+"""verl rollout backend `hf_reproducible`: transformers generation whose reruns are bit-identical.
 
-Select it with `actor_rollout_ref.rollout.name=hf`. Three pieces, registered with verl in
+On GPU clusters and on CPU alike, training runs verl's own `vllm` rollout (on a machine without a
+GPU, vLLM's CPU build: `verl_ext/vllm_cpu.py`). vLLM has no batch-invariant mode on CPU, so two
+runs with the same seed differ there. This backend exists for the runs that must not: select it
+with `actor_rollout_ref.rollout.name=hf_reproducible actor_rollout_ref.rollout.full_determinism=true`
+(the recipe refuses it without full_determinism, which also makes the trainer's batches
+timing-independent: `verl_ext.trainer`). Three pieces, registered with verl in
 `verl_ext.cpu.register_rollout()`:
 
 - `HFRolloutServer`, a Ray actor (one per replica) holding a transformers model. verl's agent
   loop sends it one request per sequence (`generate(prompt_ids, sampling_params, ...)`); the
-  server queues them and runs them as BATCHES (`hf_generate.generate_batch`): a batch starts
+  server queues them and runs them as batches (`hf_generate.generate_batch`): a batch starts
   when requests stop arriving for `batch_idle_ms` (or after `max_batch_wait_ms`, or at
   `rollout.max_num_seqs` requests). It returns token ids and the log-prob of each sampled token
   under the distribution it was sampled from (after temperature/top-k/top-p, as vLLM's
@@ -15,17 +20,17 @@ Select it with `actor_rollout_ref.rollout.name=hf`. Three pieces, registered wit
   `update_weights`, which pushes the trainer's full weights to the server in buckets; the
   server swaps them in atomically between batches.
 
-Options (`+actor_rollout_ref.rollout.engine_kwargs.hf.<key>=...`): `num_threads` (torch threads
-of the server; default all cores, as rollout and training alternate), `batch_idle_ms` (20),
-`max_batch_wait_ms` (500), `deterministic_chunk_rows` (16; rows per forward with full_determinism).
+Why reruns are identical: every request samples from its own counter-based random stream
+(`verl_ext.decoding.rng`), keyed by verl's request id, the prompt and the sampling parameters
+(`_stream_id`), so a rerun draws the same responses for the same prompts even though requests
+arrive, and are batched, in a different order. Every forward has one shape (width
+`rollout.prompt_length`, chunks of `deterministic_chunk_rows` rows) and eager attention
+(multi-threaded SDPA decoding on CPU depends on the other rows), so the log-probs, not only the
+tokens, are bit-identical in any batch.
 
-Reproducibility: with verl's `actor_rollout_ref.rollout.full_determinism=true` every request
-samples from its own counter-based random stream (`verl_ext.decoding.rng`), keyed by verl's
-request id, the prompt and the sampling parameters (`_stream_id`), so a rerun with the same seed
-draws the same responses for the same prompts even though requests arrive, and are batched, in a
-different order. Every forward then also has one shape (width `rollout.prompt_length`, chunks of
-`deterministic_chunk_rows` rows) and eager attention (multi-threaded SDPA decoding on CPU depends
-on the other rows), so the log-probs, not only the tokens, are bit-identical in any batch.
+Options (`+actor_rollout_ref.rollout.engine_kwargs.hf_reproducible.<key>=...`): `num_threads`
+(torch threads of the server; default all cores, as rollout and training alternate),
+`batch_idle_ms` (20), `max_batch_wait_ms` (500), `deterministic_chunk_rows` (16).
 """
 
 from __future__ import annotations
@@ -51,7 +56,7 @@ from verl_ext.decoding import rng
 
 logger = logging.getLogger(__name__)
 
-BACKEND = "hf"
+BACKEND = "hf_reproducible"
 DEFAULT_ENGINE_KWARGS = {
     "num_threads": None,
     "batch_idle_ms": 20.0,
@@ -71,12 +76,12 @@ def server_actor_name(replica_rank: int, node_rank: int = 0, suffix: str = "") -
 
 
 def engine_kwargs(config: RolloutConfig) -> dict:
-    """`rollout.engine_kwargs.hf` merged over the defaults; unknown keys are an error."""
+    """`rollout.engine_kwargs.hf_reproducible` merged over the defaults; unknown keys are an error."""
     given = dict((config.engine_kwargs or {}).get(BACKEND) or {})
     unknown = set(given) - set(DEFAULT_ENGINE_KWARGS)
     if unknown:
         raise ValueError(
-            f"actor_rollout_ref.rollout.engine_kwargs.hf: unknown keys {sorted(unknown)}; "
+            f"actor_rollout_ref.rollout.engine_kwargs.{BACKEND}: unknown keys {sorted(unknown)}; "
             f"valid keys: {sorted(DEFAULT_ENGINE_KWARGS)}"
         )
     return {**DEFAULT_ENGINE_KWARGS, **given}
@@ -92,7 +97,7 @@ def _torch_dtype(name: str) -> torch.dtype:
         "fp16": torch.float16,
     }
     if name not in dtypes:
-        raise ValueError(f"actor_rollout_ref.rollout.dtype={name!r}; valid for hf: {sorted(dtypes)}")
+        raise ValueError(f"actor_rollout_ref.rollout.dtype={name!r}; valid for {BACKEND}: {sorted(dtypes)}")
     return dtypes[name]
 
 
@@ -146,13 +151,12 @@ class HFRolloutServer:
         torch.set_num_threads(int(self.options["num_threads"] or os.cpu_count() or 1))
 
         self.model = load_rollout_model(
-            self.model_config, _torch_dtype(self.config.dtype), self.config.load_format,
-            attention="eager" if self.config.full_determinism else "sdpa",
+            self.model_config, _torch_dtype(self.config.dtype), self.config.load_format, attention="eager"
         )
         self.eos_token_ids = self._eos_token_ids()
         self.pad_token_id = self._pad_token_id()
         self.generator = torch.Generator().manual_seed(self.config.seed + replica_rank)
-        self._request_counts: Counter[str] = Counter()  # full_determinism: how often each request came
+        self._request_counts: Counter[str] = Counter()  # how often each request came (`_stream_id`)
         self.global_steps: int | None = None
 
         self._queue: list[_Request] = []
@@ -218,7 +222,7 @@ class HFRolloutServer:
     ) -> TokenOutput:
         """Queue one request and wait for its batch (verl's server protocol, token in/token out)."""
         if image_data is not None or video_data is not None:
-            raise ValueError("hf rollout: multi-modal inputs are not supported (text models only)")
+            raise ValueError(f"{BACKEND} rollout: multi-modal inputs are not supported (text models only)")
         self._ensure_worker()
         if self._rejecting:
             return TokenOutput(token_ids=[], log_probs=None, stop_reason="aborted", extra_fields=self._extra())
@@ -236,16 +240,14 @@ class HFRolloutServer:
         self._queue_changed.set()
         return await request.future
 
-    def _stream_id(self, request_id: str, prompt_ids: list[int], spec: SamplingSpec) -> int | None:
-        """With `rollout.full_determinism`, the request's own random stream, keyed by what the request
-        is (id, prompt tokens, sampling parameters) and by how many identical requests came before.
+    def _stream_id(self, request_id: str, prompt_ids: list[int], spec: SamplingSpec) -> int:
+        """The request's own random stream, keyed by what the request is (id, prompt tokens,
+        sampling parameters) and by how many identical requests came before.
 
         verl's synchronous agent loop names requests by their row ("det-<row>"), but the v1 trainer's
         TransferQueue loop passes no row, so every request there is "det-0": the prompt keeps distinct
         prompts apart whatever order they arrive in. Identical requests (the n samples of one prompt)
         are exchangeable: which of them gets which stream changes no group's set of responses."""
-        if not self.config.full_determinism:
-            return None
         key = f"{request_id}|{','.join(map(str, prompt_ids))}|{spec!r}"
         occurrence = self._request_counts[key]
         self._request_counts[key] += 1
@@ -278,7 +280,7 @@ class HFRolloutServer:
                 try:
                     results = await asyncio.to_thread(self._run_batch, batch)
                 except Exception as err:  # deliver the error to every caller, keep serving
-                    logger.exception("hf rollout batch failed")
+                    logger.exception("%s rollout batch failed", BACKEND)
                     for request in batch:
                         if not request.future.done():
                             request.future.set_exception(err)
@@ -287,9 +289,7 @@ class HFRolloutServer:
                 if not request.future.done():
                     request.future.set_result(output)
 
-    def _row_keys(self, batch: list[_Request]) -> torch.Tensor | None:
-        if any(r.stream_id is None for r in batch):
-            return None
+    def _row_keys(self, batch: list[_Request]) -> torch.Tensor:
         return rng.sequence_keys(self.config.seed + self.replica_rank, torch.tensor([r.stream_id for r in batch]))
 
     def _run_batch(self, batch: list[_Request]) -> list[TokenOutput]:
@@ -301,10 +301,10 @@ class HFRolloutServer:
             generator=self.generator,
             should_abort=lambda: self._abort,
             row_keys=self._row_keys(batch),
-            # full_determinism: every forward has the same shape, so a request's log-probs do not
-            # depend on which requests it was batched with (see generate_batch)
-            pad_to=self.config.prompt_length if self.config.full_determinism else 0,
-            chunk_rows=self.options["deterministic_chunk_rows"] if self.config.full_determinism else 0,
+            # every forward has the same shape, so a request's log-probs do not depend on which
+            # requests it was batched with (see generate_batch)
+            pad_to=self.config.prompt_length,
+            chunk_rows=self.options["deterministic_chunk_rows"],
         )
         self.stats["batches"] += 1
         self.stats["sequences"] += len(batch)
@@ -326,10 +326,10 @@ class HFRolloutServer:
         params = self.model.state_dict()
         for name, tensor in named_tensors:
             if name not in params:
-                raise KeyError(f"hf rollout: trainer sent weight {name!r}, which the rollout model does not have")
+                raise KeyError(f"{BACKEND} rollout: trainer sent weight {name!r}, which the rollout model does not have")
             if tuple(tensor.shape) != tuple(params[name].shape):
                 raise ValueError(
-                    f"hf rollout: weight {name!r} has shape {tuple(tensor.shape)}, expected {tuple(params[name].shape)}"
+                    f"{BACKEND} rollout: weight {name!r} has shape {tuple(tensor.shape)}, expected {tuple(params[name].shape)}"
                 )
             self._staged_weights[name] = tensor
 
@@ -393,20 +393,20 @@ class HFRolloutServer:
         self._rejecting = False
 
     async def start_profile(self, **kwargs) -> None:
-        """Profiling is not supported by the hf backend."""
+        """Profiling is not supported by this backend."""
 
     async def stop_profile(self) -> None:
-        """Profiling is not supported by the hf backend."""
+        """Profiling is not supported by this backend."""
 
 
 class HFReplica(RolloutReplica):
-    """Rollout replica of the `hf` backend: one `HFRolloutServer` actor per node."""
+    """Rollout replica of the `hf_reproducible` backend: one `HFRolloutServer` actor per node."""
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
         if self.nnodes != 1:
             raise ValueError(
-                f"hf rollout: a replica must fit one node (tensor*data*pipeline parallel = {self.world_size} > "
+                f"{BACKEND} rollout: a replica must fit one node (tensor*data*pipeline parallel = {self.world_size} > "
                 f"n_gpus_per_node {self.gpus_per_node}); set actor_rollout_ref.rollout.tensor_model_parallel_size=1"
             )
 
@@ -442,7 +442,7 @@ class HFReplica(RolloutReplica):
 
 
 class HFServerAdapter(BaseRollout):
-    """Worker-side half of the `hf` backend: sends the trainer's weights to the replica's server.
+    """Worker-side half of the `hf_reproducible` backend: sends the trainer's weights to the replica's server.
 
     Every trainer rank iterates the weight generator (gathering FSDP shards is collective);
     the replica's first rank sends the full tensors, in buckets of
@@ -464,10 +464,10 @@ class HFServerAdapter(BaseRollout):
         return self._server
 
     async def resume(self, tags: list[str]):
-        """The hf server never offloads; nothing to resume."""
+        """The server never offloads; nothing to resume."""
 
     async def release(self):
-        """The hf server never offloads; nothing to release."""
+        """The server never offloads; nothing to release."""
 
     @torch.no_grad()
     async def update_weights(
@@ -479,9 +479,9 @@ class HFServerAdapter(BaseRollout):
     ):
         """Push full weights (wire format `named_tensors`) to the server and commit them."""
         if wire_format != "named_tensors":
-            raise ValueError(f"hf rollout supports wire_format='named_tensors' only, got {wire_format!r}")
+            raise ValueError(f"{BACKEND} rollout supports wire_format='named_tensors' only, got {wire_format!r}")
         if kwargs.get("peft_config") is not None:
-            raise ValueError("hf rollout: LoRA adapters are not supported; set actor_rollout_ref.model.lora.merge=True")
+            raise ValueError(f"{BACKEND} rollout: LoRA adapters are not supported; set actor_rollout_ref.model.lora.merge=True")
         bucket_bytes = self.config.checkpoint_engine.update_weights_bucket_megabytes << 20
         bucket, size, pending = [], 0, []
         for name, tensor in weights:
@@ -501,4 +501,4 @@ class HFServerAdapter(BaseRollout):
         await self._server_handle().commit_weights.remote(global_steps)
 
     def generate_sequences(self, prompts):
-        raise NotImplementedError("the hf rollout serves verl's async agent loop only (rollout.mode=async)")
+        raise NotImplementedError(f"the {BACKEND} rollout serves verl's async agent loop only (rollout.mode=async)")

@@ -13,8 +13,10 @@ skips it; `redo=[stage]` recomputes that stage and every later one):
 7. extrapolation selective extrapolation at the Δlog p gate over γ (Eq. 7).
 8. report       `report.md` with figures, tables and a verdict per claim (`report.py`).
 
-Every stage is seeded; the training rollouts use verl's `rollout.full_determinism` (per-request
-random streams in the `hf` rollout), so a rerun with the same seed reproduces the numbers.
+Every stage is seeded. Training rolls out with verl's `vllm` rollout, as on a GPU cluster; vLLM
+has no batch-invariant mode on CPU, so a rerun of that stage differs in its sampled responses.
+Bit-identical reruns: `train.overrides=[actor_rollout_ref.rollout.name=hf_reproducible,
+actor_rollout_ref.rollout.full_determinism=true]` (`verl_ext.cpu.rollout`).
 """
 
 from __future__ import annotations
@@ -204,7 +206,6 @@ def training_overrides(cfg: DictConfig, out: Path, scheme: str) -> list[str]:
         f"actor_rollout_ref.rollout.n={t.samples_per_prompt}",
         f"actor_rollout_ref.rollout.val_kwargs.n={t.val_samples}",
         f"actor_rollout_ref.rollout.seed={cfg.seed}",
-        "actor_rollout_ref.rollout.full_determinism=true",
         "actor_rollout_ref.actor.checkpoint.save_contents=[model,hf_model]",
         f"trainer.total_training_steps={t.steps}",
         "trainer.total_epochs=100000",
