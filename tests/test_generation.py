@@ -2,13 +2,9 @@
 
 from __future__ import annotations
 
-import sys
-import types
-
 import pytest
 import torch
 
-from verl_ext import generation
 from verl_ext.decoding.engine import left_pad
 from verl_ext.generation import (
     PROMPT_SUFFIX,
@@ -151,49 +147,19 @@ def test_model_path_and_tokenizer_loaded_from_it(tok, model, tmp_path):
 
 
 def test_vllm_backend_missing_is_a_clear_error(tok, monkeypatch):
-    monkeypatch.setitem(sys.modules, "vllm", None)  # import vllm -> ImportError
-    with pytest.raises(ImportError, match="backend='vllm' needs vLLM"):
+    from verl_ext import vllm_cpu
+
+    monkeypatch.setattr(vllm_cpu, "vllm_importable", lambda: False)
+    with pytest.raises(ImportError, match=r"backend=vllm needs vLLM \(vLLM not installed\): run `bash scripts/install.sh`"):
         sample_responses("some/model", tok, [[1]], 1, max_new_tokens=2, backend="vllm", show_progress=False)
 
 
-def test_auto_backend_without_gpu_is_hf(monkeypatch):
-    monkeypatch.setattr(generation, "vllm_available", lambda: True)
+def test_auto_backend_is_vllm_wherever_it_is_installed(monkeypatch):
+    from verl_ext import vllm_cpu
+
+    monkeypatch.setattr(vllm_cpu, "vllm_importable", lambda: True)
+    monkeypatch.setattr(vllm_cpu, "vllm_distribution_version", lambda: "0.27.0+cpu")
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
-    assert resolve_backend("auto") == "hf"
-    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     assert resolve_backend("auto") == "vllm"
-    monkeypatch.setattr(generation, "vllm_available", lambda: False)
+    monkeypatch.setattr(vllm_cpu, "vllm_importable", lambda: False)
     assert resolve_backend("auto") == "hf"
-
-
-def test_vllm_backend_maps_outputs(tok, monkeypatch):
-    """The vLLM adapter: one request per prompt with n samples, token-id prompts, finish reasons kept."""
-    calls = {}
-
-    class SamplingParams:
-        def __init__(self, **kw):
-            calls["params"] = kw
-
-    class LLM:
-        def generate(self, requests, sampling_params, use_tqdm):
-            calls["requests"] = requests
-            n = calls["params"]["n"]
-            return [
-                types.SimpleNamespace(outputs=[
-                    types.SimpleNamespace(token_ids=[10 + p, 20 + s], text=f"p{p}s{s}",
-                                          finish_reason="stop" if s == 0 else "length")
-                    for s in range(n)
-                ])
-                for p in range(len(requests))
-            ]
-
-    monkeypatch.setitem(sys.modules, "vllm", types.SimpleNamespace(LLM=LLM, SamplingParams=SamplingParams))
-    out = sample_responses(LLM(), tok, [[1, 2], [3]], 2, temperature=1.0, top_p=0.7, max_new_tokens=5, seed=7,
-                           backend="vllm", show_progress=False)
-    assert calls["requests"] == [{"prompt_token_ids": [1, 2]}, {"prompt_token_ids": [3]}]
-    assert calls["params"] == {"n": 2, "temperature": 1.0, "top_p": 0.7, "top_k": -1, "max_tokens": 5, "seed": 7,
-                                   "skip_special_tokens": True}
-    assert [(g.prompt_index, g.sample_index, g.response_ids, g.response_text, g.finish_reason) for g in out] == [
-        (0, 0, [10, 20], "p0s0", "stop"), (0, 1, [10, 21], "p0s1", "length"),
-        (1, 0, [11, 20], "p1s0", "stop"), (1, 1, [11, 21], "p1s1", "length"),
-    ]

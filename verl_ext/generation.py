@@ -5,8 +5,9 @@
   model's chat template.
 - `sample_responses(model, tokenizer, prompts, n, ...)`: `n` samples per prompt (token ids in,
   `Generation`s out, ordered by prompt then sample), with transformers (`backend="hf"`, batched
-  with left padding, stops at end-of-sequence) or vLLM (`backend="vllm"`, imported lazily).
-  `backend="auto"` picks vLLM when it is importable and a GPU is present.
+  with left padding, stops at end-of-sequence) or vLLM (`backend="vllm"`, imported lazily; on a
+  machine without a GPU, vLLM's CPU build: `verl_ext.vllm_cpu`). `backend="auto"` picks vLLM
+  wherever it is installed, CPU included.
 
 Sampling is exactly temperature / top-p / top-k as given: the model's own generation defaults
 (repetition penalty, top-k 50, ...) are not applied.
@@ -32,6 +33,9 @@ class Generation:
     response_ids: list[int]
     response_text: str
     finish_reason: str  # "stop" (end-of-sequence) or "length" (max_new_tokens reached)
+    # vLLM: log π(y_t | x, y_<t) of each response token under the model's own distribution (before
+    # temperature / top-k / top-p: vLLM's raw log-probs); None from the hf backend
+    response_log_probs: list[float] | None = None
 
 
 # ----------------------------------------------------------------------------- prompts
@@ -90,21 +94,15 @@ def check_sampling_args(n: int, temperature: float, top_p: float, top_k: int, ma
             raise ValueError(f"{name}={value!r} is invalid: must be {valid}")
 
 
-def vllm_available() -> bool:
-    import importlib.util
-
-    return importlib.util.find_spec("vllm") is not None
-
-
 def resolve_backend(backend: str) -> str:
-    """"hf" | "vllm" as given; "auto" -> "vllm" when vLLM is importable and a CUDA GPU is present, else "hf"."""
+    """"hf" | "vllm" as given; "auto" -> "vllm" wherever vLLM is installed (its CPU build included), else "hf"."""
+    from verl_ext.vllm_cpu import vllm_distribution_version, vllm_importable
+
     if backend not in BACKENDS:
         raise ValueError(f"backend={backend!r} is invalid; valid choices: {', '.join(BACKENDS)}")
     if backend != "auto":
         return backend
-    import torch
-
-    return "vllm" if vllm_available() and torch.cuda.is_available() else "hf"
+    return "vllm" if vllm_importable() and vllm_distribution_version() is not None else "hf"
 
 
 # ----------------------------------------------------------------------------- sampling
@@ -254,38 +252,63 @@ def _sample_hf(model, tokenizer, prompts, n, *, temperature, top_p, top_k, max_n
     return [results[key] for key in sorted(results)]
 
 
+def load_vllm(
+    path: str | os.PathLike, seed: int = 0, dtype: str | None = None, logprobs_mode: str = "raw_logprobs", **engine_args
+):
+    """A `vllm.LLM` for sampling: float32 on vLLM's CPU build (the model's dtype on GPU), with the CPU
+    build's fixed-size KV cache (`verl_ext.vllm_cpu.cpu_engine_kwargs`). `logprobs_mode`: vLLM's
+    "raw_logprobs" (the model's own distribution, the default here) or "processed_logprobs" (after
+    temperature / top-k / top-p, what verl's rollout asks for). `engine_args`: more `vllm.LLM` arguments."""
+    from verl_ext.vllm_cpu import cpu_engine_kwargs, is_cpu_build, require_vllm
+
+    require_vllm("backend=vllm")
+    from vllm import LLM
+
+    dtype = dtype or ("float32" if is_cpu_build() else "auto")
+    return LLM(model=str(path), seed=seed, dtype=dtype, logprobs_mode=logprobs_mode, **{**cpu_engine_kwargs(), **engine_args})
+
+
+def prompt_seed(seed: int, prompt_index: int) -> int:
+    """The vLLM request seed of prompt `prompt_index`: distinct per prompt (a shared seed would give every
+    prompt the same random draws), the same for a prompt in any batch."""
+    return (seed * 1_000_003 + prompt_index) % (2**63)
+
+
 def _sample_vllm(model, tokenizer, prompts, n, *, temperature, top_p, top_k, max_new_tokens, seed, show_progress):
-    try:
-        from vllm import LLM, SamplingParams
-    except ImportError as err:
-        raise ImportError(
-            "backend='vllm' needs vLLM, which is not installed: `pip install -e .[gpu]` on a GPU machine, "
-            "or use backend='hf'"
-        ) from err
-    llm = LLM(model=str(model), seed=seed) if isinstance(model, (str, os.PathLike)) else model
-    params = SamplingParams(
-        n=n,
-        temperature=float(temperature),
-        top_p=float(top_p),
-        top_k=int(top_k),
-        max_tokens=max_new_tokens,
-        seed=seed,
-        skip_special_tokens=True,
-    )
+    from vllm import SamplingParams
+
+    llm = load_vllm(model, seed=seed) if isinstance(model, (str, os.PathLike)) else model
+    params = [
+        SamplingParams(
+            n=n,
+            temperature=float(temperature),
+            top_p=float(top_p),
+            top_k=int(top_k),
+            max_tokens=max_new_tokens,
+            seed=prompt_seed(seed, p),
+            logprobs=0,  # the sampled token's log-prob
+            skip_special_tokens=True,
+        )
+        for p in range(len(prompts))
+    ]
     outputs = llm.generate([{"prompt_token_ids": list(p)} for p in prompts], sampling_params=params, use_tqdm=show_progress)
     generations = []
     for p, request in enumerate(outputs):
         for s, completion in enumerate(request.outputs):
+            ids = list(completion.token_ids)
             generations.append(
                 Generation(
                     prompt_index=p,
                     sample_index=s,
                     prompt_ids=list(prompts[p]),
-                    response_ids=list(completion.token_ids),
+                    response_ids=ids,
                     response_text=completion.text
                     if completion.text is not None
-                    else tokenizer.decode(list(completion.token_ids), skip_special_tokens=True),
+                    else tokenizer.decode(ids, skip_special_tokens=True),
                     finish_reason="stop" if completion.finish_reason == "stop" else "length",
+                    response_log_probs=[step[token].logprob for step, token in zip(completion.logprobs, ids, strict=True)]
+                    if completion.logprobs is not None
+                    else None,
                 )
             )
     return generations
