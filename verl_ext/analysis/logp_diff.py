@@ -409,11 +409,11 @@ class AnalysisWorker:
     def vllm_engine(self, generator: str):
         """One `vllm.LLM` per worker, for `generator` (an engine for the other generator is dropped first)."""
         if generator not in self._engines:
-            from vllm import LLM
+            from verl_ext.generation import load_vllm
 
             self._engines.clear()
             path = self.spec.base_model if generator == "base" else self.spec.rl_model
-            self._engines[generator] = LLM(model=path, seed=self.spec.sampling["seed"])
+            self._engines[generator] = load_vllm(path, seed=self.spec.sampling["seed"])
         return self._engines[generator]
 
     def release(self) -> None:
