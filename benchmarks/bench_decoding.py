@@ -22,6 +22,10 @@ Rows, tokens/s (best of `--repeats` interleaved repeats: other load only ever ad
   official         the official approach's cost model: every token runs one full forward of each
                    model over the whole sequence (no KV-cache reuse), same sampler; timed over its
                    first `--official-tokens` tokens (its cheapest), so the speed-up is underestimated
+  official(vllm)   the official approach for real (`official_vllm_decoding.py`): two `vllm.LLM`
+                   engines on the same weights, one `generate(max_tokens=1, logprobs=50)` call of
+                   each per token, prefix caching on, enforce_eager; same Δlog p τ and top-p, over
+                   `--official-tokens` tokens; wherever vLLM is installed (its CPU build included)
 
 Per row: replace ratio, stop rate r (cuts by a resample that differs from the draft, per drafted
 position), share of sequences identical to the step loop's (float32: a k-token forward rounds
@@ -46,9 +50,11 @@ from __future__ import annotations
 import argparse
 import copy
 import statistics
+import tempfile
 import time
 
 import torch
+from official_vllm_decoding import TOP_LOGPROBS, official_decode  # benchmarks/, beside this script
 from transformers import Qwen2Config, Qwen2ForCausalLM
 
 from verl_ext.decoding import rng
@@ -89,6 +95,25 @@ def official_cost_model(base, rl, rule, prompts, new_tokens, seed):
         y = two_stage_step(lb, lr, *u, rule).token
         seqs, mask = torch.cat([seqs, y[:, None]], dim=1), torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
     return len(prompts) * new_tokens
+
+
+def official_vllm_engines(a, base, rl):
+    """(π_B, π_RL) as two `vllm.LLM` engines with the official code's settings, or None (--official-vllm)."""
+    from verl_ext.vllm_cpu import require_vllm, vllm_importable
+
+    if a.official_vllm == "off" or (a.official_vllm == "auto" and not vllm_importable()):
+        return None
+    require_vllm("--official-vllm on")
+    from verl_ext.generation import load_vllm
+
+    max_len = a.prompt_len + a.prompt_len_spread + max(a.new_tokens, a.official_tokens) + 1
+    engines = []
+    for name, model in (("base", base), ("rl", rl)):
+        with tempfile.TemporaryDirectory(prefix=f"bench_decoding_{name}_") as path:  # read once, at engine start
+            model.save_pretrained(path)
+            engines.append(load_vllm(path, seed=a.seed, dtype=a.dtype, skip_tokenizer_init=True, max_model_len=max_len,
+                                     max_logprobs=TOP_LOGPROBS, enable_prefix_caching=True, enforce_eager=True))
+    return tuple(engines)
 
 
 def wall_time(fn) -> float:
@@ -172,6 +197,8 @@ def main():
     p.add_argument("--official-tokens", type=int, default=16,
                    help="tokens timed for the official cost model (its first tokens are its cheapest: "
                         "fewer than --new-tokens underestimates our speed-up)")
+    p.add_argument("--official-vllm", default="auto", choices=["auto", "on", "off"],
+                   help="the official(vllm) row: auto = wherever vLLM is installed")
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--device", default="cpu")
@@ -217,8 +244,14 @@ def main():
     tokens = {name: n_req * a.new_tokens for name in fns}
     tokens["hf_generate"] = a.batch * a.new_tokens
     tokens["official"] = a.batch * n_off
+    engines = official_vllm_engines(a, base, rl)
+    if engines:
+        fns["official(vllm)"] = lambda: official_decode(*engines, prompts[: a.batch], n_off, rules["dlogp"].threshold,
+                                                        set(eos), top_p=a.top_p, seed=a.seed)
+        tokens["official(vllm)"] = a.batch * n_off
 
     results = {name: d.generate(reqs) for name, d in decoders.items()}  # warm-up, and the outputs to compare
+    official_vllm = fns["official(vllm)"]() if engines else None  # warm-up (engine's first calls) + replace ratio
     for d in decoders.values():
         d.stats = type(d.stats)()  # count the timed repeats only
     times = {name: [] for name in fns}
@@ -243,6 +276,8 @@ def main():
         same = sum(x.tokens == y.tokens for x, y in zip(results[name], step)) / n_req if exact_tokens else float("nan")
         extra = (replace_ratio(results[name]), stop_rate(d), d.stats.draft_forwards / max(d.stats.rounds, 1)) \
             if d else (float("nan"),) * 3
+        if name == "official(vllm)":
+            extra = (official_vllm.replaced / official_vllm.tokens, float("nan"), 1.0)
         print(f"{name:<16} {tps[name]:>9.1f} {extra[0]:>8.3f} {extra[1]:>7.3f} {extra[2]:>7.2f} {same:>6.0%} "
               f"{vs_single[name]:>10.3f} {tps[name] / tps['official']:>12.2f}")
 
@@ -252,6 +287,9 @@ def main():
         best = max(specs + [n for n in decoders if n.startswith(f"{crit} rl-draft")], key=lambda n: vs_single[n])
         print(f"best spec / single (target >= 0.8 at ~{a.ratio:.0%} replace ratio), {label}: {best} {vs_single[best]:.3f}")
     print(f"step / official = {tps['dlogp step'] / tps['official']:.2f}x")
+    if engines:
+        print(f"step / official(vllm) = {tps['dlogp step'] / tps['official(vllm)']:.2f}x "
+              f"(the official code's two vLLM engines, one call each per token)")
 
     # Δlog p reads π_RL at every position, so every round pays a k-token scoring pass. c_1 (its cost for
     # one token, with the gate, in draft steps) = single/step − 1; a k-token pass costs c_1·t(k)/t(1),
