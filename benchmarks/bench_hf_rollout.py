@@ -1,4 +1,4 @@
-"""Throughput of the `hf` rollout's batched generation against plain `model.generate`.
+"""Throughput of the `hf_reproducible` rollout's batched generation against plain `model.generate`.
 
 Both generate the same number of new tokens for the same left-padded batch of prompts with the
 same model, sampling at the same temperature/top-p/top-k; ours also returns every sampled
@@ -129,7 +129,8 @@ def run_server(model, prompts, args) -> float:
         ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
         try:
             config = RolloutConfig(
-                name="hf",
+                name="hf_reproducible",
+                full_determinism=True,
                 tensor_model_parallel_size=1,
                 prompt_length=args.prompt_len,
                 response_length=args.new_tokens,
@@ -137,7 +138,7 @@ def run_server(model, prompts, args) -> float:
                 load_format="auto",
                 max_num_seqs=args.batch,
                 ignore_eos=True,
-                engine_kwargs={"hf": {"num_threads": args.threads}},
+                engine_kwargs={"hf_reproducible": {"num_threads": args.threads}},
             )
             server = (
                 ray.remote(HFRolloutServer)
