@@ -38,7 +38,6 @@ import subprocess
 import sys
 import threading
 import time
-from decimal import Decimal, InvalidOperation
 
 logger = logging.getLogger(__name__)
 
@@ -129,7 +128,6 @@ def extract_answer(text: str | None) -> str | None:
 
 # ----------------------------------------------------------------------------- pre-checks
 
-_NUMBER = re.compile(r"[+-]?(?:\d+(?:\.\d*)?|\.\d+)")
 _MATH_DELIMITERS = (("$$", "$$"), ("$", "$"), ("\\(", "\\)"), ("\\[", "\\]"))
 
 
@@ -169,22 +167,17 @@ def quick_verdict(pred: str, ground_truth: str) -> bool | None:
     """Decide without Math-Verify when it is certain, else None.
 
     - identical up to whitespace: equivalent;
-    - both plain decimal numbers: equal values are equivalent (`142` vs `142.0`); two different
-      integers are not. Other number pairs go to Math-Verify (it compares floats with a tolerance).
+    - both exact-number expressions (integers, decimals, fractions, powers, factorials):
+      `verl_ext.exact_numbers.compare`, exact where both sides are exact (`1/2004!` is not
+      `1/2006!`, `142` is `142.0`), a tolerance only against a decimal for a value no decimal can
+      write. Other pairs go to Math-Verify.
     """
+    from verl_ext.exact_numbers import compare
+
     a, b = "".join(pred.split()), "".join(ground_truth.split())
     if a and a == b:
         return True
-    if _NUMBER.fullmatch(a) and _NUMBER.fullmatch(b):
-        try:
-            x, y = Decimal(a), Decimal(b)
-        except InvalidOperation:
-            return None
-        if x == y:
-            return True
-        if x == x.to_integral_value() and y == y.to_integral_value():
-            return False
-    return None
+    return compare(a, b)
 
 
 # ----------------------------------------------------------------------------- Math-Verify (worker side)
