@@ -67,6 +67,26 @@ def test_metric_arguments_are_checked(args, error, match):
         pass_at_k(*args)
 
 
+def test_numpy_and_pandas_counts_are_accepted():
+    """Counts taken from pandas are numpy integers; the values equal those from Python ints."""
+    import numpy as np
+    import pandas as pd
+
+    counts = pd.DataFrame({"n": [8, 8, 4], "c": [3, 0, 4]})
+    pairs = list(zip(counts["n"].to_numpy(), counts["c"].to_numpy()))
+    for n, c in pairs:
+        assert isinstance(n, np.integer)
+        for k in (1, 2, 4):
+            assert pass_at_k(n, c, np.int32(k)) == pass_at_k(int(n), int(c), k)
+            assert avg_at_k(n, c, np.uint8(k)) == avg_at_k(int(n), int(c), k)
+    assert mean_pass_at_k(pairs, np.int64(2)) == pytest.approx(
+        mean_pass_at_k([(8, 3), (8, 0), (4, 4)], 2))
+    with pytest.raises(TypeError, match="k=True"):
+        pass_at_k(4, 1, True)
+    with pytest.raises(TypeError, match="c=.*1.0.* must be an integer"):
+        pass_at_k(4, np.float64(1.0), 1)
+
+
 def test_aggregate_and_markdown():
     problems = [
         ProblemResult("aime", "0", "5", [True, False, False, False], ["5", "1", "2", "3"], [10, 20, 30, 40]),

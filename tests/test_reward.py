@@ -60,6 +60,49 @@ def test_extract_answer(text, expected):
     assert extract_answer(text) == expected
 
 
+def _reference_balanced_group(text: str, start: int) -> int | None:
+    """Index of the `}` matching the `{` at `start`, by counting depth from `start` (quadratic over many boxes)."""
+    depth, i = 0, start
+    while i < len(text):
+        if text[i] == "\\":
+            i += 2
+            continue
+        depth += {"{": 1, "}": -1}.get(text[i], 0)
+        if depth == 0:
+            return i
+        i += 1
+    return None
+
+
+def test_matching_braces_agrees_with_depth_counting():
+    import random
+
+    rng = random.Random(0)
+    for _ in range(300):
+        text = "".join(rng.choice(["{", "}", "\\{", "\\}", "\\\\", "a", "\\boxed{"]) for _ in range(rng.randrange(1, 40)))
+        pairs = reward.matching_braces(text)
+        i = 0
+        while i < len(text):  # every unescaped `{`, found the same way the scanner walks
+            if text[i] == "\\":
+                i += 2
+                continue
+            if text[i] == "{":
+                assert pairs.get(i) == _reference_balanced_group(text, i), (text, i)
+            i += 1
+
+
+@pytest.mark.parametrize("unit", ["\\boxed{", "\\boxed{x", "\\fbox{{", "\\boxed{\\boxed{"])
+def test_extraction_is_linear_in_unclosed_boxes(unit):
+    """100k characters of unclosed boxes (a model stuck in a loop): one pass, well under a second."""
+    text = "\\boxed{7} " + unit * (100_000 // len(unit))
+    start = time.perf_counter()
+    assert extract_boxed_answer(text) == "7"
+    out = compute_score("loop", text, "7", timeout_s=1.0)
+    elapsed = time.perf_counter() - start
+    assert out["acc"] is True
+    assert elapsed < 0.5, f"{elapsed:.2f}s"
+
+
 # ----------------------------------------------------------------------------- grading table
 
 EQUIVALENT = [
