@@ -32,6 +32,7 @@ from typing import Any
 import hydra
 
 from verl_ext.atomic_io import atomic_write_bytes
+from verl_ext.checks import ConfigError
 from verl_ext.generation import PROMPT_SUFFIX, format_problem
 
 REPO = Path(__file__).resolve().parents[1]
@@ -51,7 +52,7 @@ _DAPO_PREFIX = re.compile(
 _DAPO_SUFFIX = re.compile(r"\s*Remember to put your answer on its own line after \"Answer:\"\.?\s*$")
 
 
-class DataPrepError(ValueError):
+class DataPrepError(ConfigError):
     """Input rows that cannot be converted (each named by file and index)."""
 
 
