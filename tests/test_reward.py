@@ -435,6 +435,25 @@ def test_concurrent_callers_each_return_within_the_bound():
     assert all(verdict is True for _, verdict, adversarial in results if not adversarial)
 
 
+def test_pool_grows_to_the_callers_plus_one_spare():
+    """Two callers grading as fast as they can never make a pool allowed 16 workers start more than 3."""
+    pool = reward.GraderPool(16)
+    try:
+        stop = time.monotonic() + 3.0
+
+        def work(i: int) -> int:
+            done = 0
+            while time.monotonic() < stop:
+                assert pool.grade("1/2", "0.5", 60.0) is True
+                done += 1
+            return done
+
+        counts = _concurrent(work, 2)
+        assert min(counts) >= 1 and pool.num_workers <= 2 + reward.SPARE_WORKERS
+    finally:
+        pool.close()
+
+
 def test_hand_out_is_first_come_first_served():
     """One worker, four threads grading as fast as they can: each gets its turn (the old LIFO pool let
     the releasing thread take the worker back: 17,316 calls for one thread, 1 for the others)."""

@@ -47,6 +47,7 @@ MAX_ANSWER_CHARS = 1000  # longer extracted answers are graded wrong without par
 MAX_BRACE_DEPTH = 32  # deeper brace nesting is graded wrong without parsing
 NUM_WORKERS_ENV = "VERL_EXT_GRADER_WORKERS"  # at most this many worker processes per process
 DEFAULT_MAX_WORKERS = 16  # the pool grows to the callers' concurrency, up to this
+SPARE_WORKERS = 1  # ready workers kept beyond the callers in flight
 SCORE_CORRECT, SCORE_WRONG = 1.0, -1.0
 
 # ----------------------------------------------------------------------------- extraction
@@ -315,7 +316,7 @@ class GraderPool:
     arrival order (FIFO: a caller that has just finished cannot take the worker back ahead of one
     that was waiting). While callers wait and fewer than `max_workers` workers exist, a new worker
     starts in the background, so the pool grows to the number of concurrent callers (one worker each):
-    then nobody waits behind a slow answer. One spare worker is kept ready besides (within
+    then nobody waits behind a slow answer. SPARE_WORKERS (one) worker is kept ready besides (within
     `max_workers`), so that the caller whose worker was just killed for a hanging answer does not wait
     for a replacement's start-up. A caller that gets no worker before its deadline is graded
     wrong (None). Until the first worker is ready the wait may last STARTUP_TIMEOUT_S instead: a
@@ -333,6 +334,7 @@ class GraderPool:
         self._waiting: collections.deque[object] = collections.deque()
         self._workers = 0  # started and not dead: idle, busy or starting
         self._starting = 0
+        self._busy = 0  # handed out to a caller
         self._ever_ready = False
         self._first_start: float | None = None
         self._closed = False
@@ -349,6 +351,13 @@ class GraderPool:
         if self._first_start is None:
             self._first_start = time.monotonic()
         threading.Thread(target=self._bring_up, daemon=True, name="grader-start").start()
+
+    def _grow(self) -> None:
+        """Start workers until there is one per caller in flight (busy or waiting) plus SPARE_WORKERS,
+        within `max_workers` (caller holds the lock)."""
+        demand = min(self._busy + len(self._waiting) + SPARE_WORKERS, self.max_workers)
+        while self._workers < demand and not self._closed:
+            self._start_worker()
 
     def _bring_up(self) -> None:
         worker = None
@@ -376,12 +385,9 @@ class GraderPool:
             try:
                 while True:
                     if self._waiting[0] is ticket and self._idle:
-                        worker = self._idle.pop()
-                        if not self._idle and not self._starting and self._workers < self.max_workers:
-                            self._start_worker()  # the spare: a killed worker's start-up is not waited for
-                        return worker
-                    if len(self._waiting) > len(self._idle) + self._starting and self._workers < self.max_workers:
-                        self._start_worker()
+                        self._busy += 1
+                        return self._idle.pop()
+                    self._grow()
                     limit = deadline if self._ever_ready else max(deadline, self._first_start + STARTUP_TIMEOUT_S)
                     remaining = limit - time.monotonic()
                     if remaining <= 0:
@@ -389,6 +395,7 @@ class GraderPool:
                     self._cond.wait(remaining)
             finally:
                 self._waiting.remove(ticket)
+                self._grow()  # the spare: a killed worker's start-up is not waited for
                 self._cond.notify_all()
 
     def grade(self, pred: str, ground_truth: str, timeout_s: float) -> bool | None:
@@ -403,12 +410,12 @@ class GraderPool:
             return worker.grade(pred, ground_truth, remaining if remaining > 0 else timeout_s)
         finally:
             with self._cond:
+                self._busy -= 1
                 if worker.alive and not self._closed:
                     self._idle.append(worker)
                 else:
                     self._workers -= 1
-                    if not self._closed:
-                        self._start_worker()  # start-up overlaps other work
+                    self._grow()  # the replacement starts now, its start-up overlapping other work
                 self._cond.notify_all()
 
     def close(self) -> None:
