@@ -1,16 +1,20 @@
-"""Grading throughput: our safe grader (`verl_ext.reward.is_correct`) vs Math-Verify called directly.
+"""Grading under concurrent callers: our safe grader (`verl_ext.reward.compute_score`) from N threads vs
+Math-Verify called directly in the main thread.
 
-    python benchmarks/bench_grading.py            # 10k synthetic responses
-    python benchmarks/bench_grading.py --n 2000   # quicker
+    python benchmarks/bench_grading.py                     # 10k responses, 1% adversarial, 8 threads, 5 s bound
+    python benchmarks/bench_grading.py --n 2000 --bound 2  # quicker
 
-Baseline, in the same run on the same responses: Math-Verify the way it is usually called, in
-the main thread with its own signal-based timeouts: `verify(parse("\\boxed{gt}"), parse(response))`.
-Ours: extraction + pre-checks + Math-Verify in a worker process with a hard per-answer bound.
-Worker start-up (once per process) is done before timing; the two graders run interleaved
-chunk by chunk so that load from other processes hits both alike. The second pass (undecided
-answers) re-grades answers both graders have seen, so Math-Verify's parse caches help both. Prints answers/s for both, the
-slowdown factor ours/direct (target <= 1.5), the same on the answers no pre-check can decide
-(pure round-trip overhead), and how often the two graders agree.
+The responses are synthetic (integers, fractions, radicals, intervals, tuples, polynomials, no box), and a
+fraction `--adversarial` of them are adversarial (a polynomial Math-Verify expands for minutes, power
+towers, huge factorials, deep nesting, 100k characters of unclosed boxes, ...).
+
+Baseline, in the same run: Math-Verify the way it is usually called, in the main thread with its own
+signal-based timeouts, `verify(parse("\\boxed{gt}"), parse(response))`, on the clean responses only
+(the adversarial ones would stall it). Measured twice, before and after ours (A-B-A), and averaged.
+Ours: `compute_score(..., timeout_s=bound)` from `--threads` threads (verl's reward loop calls it from a
+thread pool), the pool warmed first (worker start-up is once per process). Prints answers/s of both, the
+ratio of times ours/direct on the same clean responses (target <= 1.5), and per-call latency over all
+responses, waiting for a worker included: p50, p99, max (target p99 <= bound + 1 s).
 """
 
 from __future__ import annotations
@@ -19,6 +23,7 @@ import argparse
 import logging
 import random
 import time
+from concurrent.futures import ThreadPoolExecutor
 
 
 def _forms_of_integer(rng: random.Random, value: int) -> tuple[str, str]:
@@ -78,56 +83,93 @@ def grade_direct(response: str, truth: str) -> bool:
         return False
 
 
-def timed_pair(fn_a, fn_b, pairs, chunk: int = 50) -> tuple[float, float, list[bool], list[bool]]:
-    """Total seconds of `fn_a` and `fn_b` over `pairs`, interleaved chunk by chunk (alternating which
-    goes first) so that load from other processes on the machine hits both alike."""
-    t_a = t_b = 0.0
-    out_a: list[bool] = []
-    out_b: list[bool] = []
-    for i in range(0, len(pairs), chunk):
-        part = pairs[i : i + chunk]
-        order = [(fn_a, out_a, 0), (fn_b, out_b, 1)]
-        for fn, out, which in order if (i // chunk) % 2 == 0 else order[::-1]:
-            start = time.perf_counter()
-            out.extend(fn(response, truth) for _, response, truth in part)
-            elapsed = time.perf_counter() - start
-            if which == 0:
-                t_a += elapsed
-            else:
-                t_b += elapsed
-    return t_a, t_b, out_a, out_b
+ADVERSARIAL = [
+    "\\boxed{(x+1)^{100000}}",  # Math-Verify expands it for minutes: only the bound ends it
+    "\\boxed{9^{9^{9}}}",
+    "\\boxed{(10^{8})!}",
+    "\\boxed{" + "{" * 3000 + "1" + "}" * 3000 + "}",
+    "\\boxed{" + "\\frac{1}{" * 500 + "2" + "}" * 500 + "}",
+    "\\boxed{" * 15_000,  # a model stuck in a loop: 100k characters of unclosed boxes
+    "\\boxed{" + "1" * 100_000 + "}",
+    "\\boxed{\\frac{1}{2004!}}",
+    "\\boxed{\\frac{\\frac{}{}}{\\sqrt[}{}\\left(\\right.\\begin{matrix}}",
+    "x" * 100_000,
+]
+
+
+def percentile(values: list[float], q: float) -> float:
+    """The q-quantile (0..1) of `values`, nearest rank: sorted(values)[ceil(q·n) − 1]."""
+    import math
+
+    ordered = sorted(values)
+    return ordered[max(math.ceil(q * len(ordered)) - 1, 0)]
+
+
+def grade_threads(pairs, threads: int, bound: float) -> tuple[float, list[float], list[bool]]:
+    """(seconds, per-call latencies, verdicts) of compute_score over `pairs` from `threads` threads."""
+    from verl_ext.reward import compute_score
+
+    def one(pair):
+        start = time.perf_counter()
+        out = compute_score("bench", pair[1], pair[2], timeout_s=bound)
+        return time.perf_counter() - start, out["acc"]
+
+    start = time.perf_counter()
+    with ThreadPoolExecutor(max_workers=threads) as pool:
+        results = list(pool.map(one, pairs))
+    return time.perf_counter() - start, [r[0] for r in results], [r[1] for r in results]
+
+
+def grade_direct_all(pairs) -> tuple[float, list[bool]]:
+    start = time.perf_counter()
+    verdicts = [grade_direct(response, truth) for _, response, truth in pairs]
+    return time.perf_counter() - start, verdicts
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--n", type=int, default=10_000, help="number of synthetic responses (default 10000)")
+    parser.add_argument("--n", type=int, default=10_000, help="number of responses (default 10000)")
+    parser.add_argument("--adversarial", type=float, default=0.01, help="fraction of adversarial responses")
+    parser.add_argument("--threads", type=int, default=8, help="concurrent callers (default 8)")
+    parser.add_argument("--bound", type=float, default=5.0, help="grader.timeout_s (default 5, the reward's)")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
     logging.getLogger("math_verify").setLevel(logging.ERROR)
 
-    from verl_ext.reward import extract_answer, grader_pool, is_correct, normalize_answer, quick_verdict
-
     rng = random.Random(args.seed)
-    pairs = [synthetic_pair(rng) for _ in range(args.n)]
-    # Warm both paths on pairs outside the measured set (imports, worker start-up).
-    warm = [synthetic_pair(random.Random(-1)) for _ in range(20)]
-    grader_pool().grade("1", "1", 60.0)
-    timed_pair(grade_direct, is_correct, warm)
+    num_adversarial = round(args.n * args.adversarial)
+    clean = [synthetic_pair(rng) for _ in range(args.n - num_adversarial)]
+    adversarial = [("adversarial", ADVERSARIAL[i % len(ADVERSARIAL)], str(rng.randrange(1000)))
+                   for i in range(num_adversarial)]
+    everything = clean + adversarial
+    rng.shuffle(everything)
 
-    t_direct, t_ours, direct, ours = timed_pair(grade_direct, is_correct, pairs)
-    undecided = [p for p in pairs if (a := extract_answer(p[1])) is not None
-                 and quick_verdict(normalize_answer(a), normalize_answer(p[2])) is None]
-    t_direct_u, t_ours_u, _, _ = timed_pair(grade_direct, is_correct, undecided)
+    warm = [synthetic_pair(random.Random(-1)) for _ in range(200)]
+    grade_threads(warm, args.threads, 60.0)  # the pool grows to one worker per thread
+    time.sleep(3.0)  # the spare's start-up
+    grade_direct_all(warm)
 
-    agree = sum(a == b for a, b in zip(direct, ours))
-    print(f"responses: {len(pairs)} (correct by ours: {sum(ours)}, by direct: {sum(direct)}, agree: {agree / len(pairs):.1%})")
-    print(f"math-verify direct (main thread): {len(pairs) / t_direct:8.1f} answers/s  ({t_direct:.2f} s)")
-    print(f"safe grader (worker process):     {len(pairs) / t_ours:8.1f} answers/s  ({t_ours:.2f} s)")
-    print(f"slowdown ours/direct, all answers: {t_ours / t_direct:.2f}x  (target <= 1.5)")
-    if undecided:
-        print(f"slowdown ours/direct, {len(undecided)} answers only Math-Verify can decide: "
-              f"{t_ours_u / t_direct_u:.2f}x  ({len(undecided) / t_ours_u:.1f} vs {len(undecided) / t_direct_u:.1f} answers/s)")
-    disagreements = [(k, r[-60:], t, a, b) for (k, r, t), a, b in zip(pairs, ours, direct) if a != b]
+    t_direct_1, direct = grade_direct_all(clean)
+    t_ours_clean, _, ours_clean = grade_threads(clean, args.threads, args.bound)
+    t_ours_all, latencies, _ = grade_threads(everything, args.threads, args.bound)
+    t_direct_2, _ = grade_direct_all(clean)
+    t_direct = (t_direct_1 + t_direct_2) / 2
+
+    agree = sum(a == b for a, b in zip(direct, ours_clean))
+    over = sum(x > args.bound + 1.0 for x in latencies)
+    print(f"responses: {len(everything)} ({num_adversarial} adversarial), {args.threads} threads, bound {args.bound} s")
+    print(f"math-verify direct, main thread, clean {len(clean)}: {len(clean) / t_direct:8.1f} answers/s "
+          f"({t_direct_1:.2f} s, {t_direct_2:.2f} s)")
+    print(f"safe grader, {args.threads} threads, clean {len(clean)}:        {len(clean) / t_ours_clean:8.1f} answers/s "
+          f"({t_ours_clean:.2f} s)")
+    print(f"safe grader, {args.threads} threads, all {len(everything)}:         {len(everything) / t_ours_all:8.1f} answers/s "
+          f"({t_ours_all:.2f} s)")
+    print(f"ratio of times ours/direct on the clean responses: {t_ours_clean / t_direct:.2f}x  (target <= 1.5)")
+    print(f"latency per call, all responses, waiting included: p50 {percentile(latencies, 0.5) * 1000:.1f} ms, "
+          f"p99 {percentile(latencies, 0.99) * 1000:.1f} ms, max {max(latencies):.2f} s; "
+          f"{over} calls over bound + 1 s  (target p99 <= {args.bound + 1:.1f} s)")
+    print(f"verdicts agree with direct Math-Verify on {agree / len(clean):.1%} of the clean responses")
+    disagreements = [(k, r[-50:], t, a, b) for (k, r, t), a, b in zip(clean, ours_clean, direct) if a != b]
     for kind, tail, truth, a, b in disagreements[:5]:
         print(f"  disagree [{kind}] truth={truth!r} ours={a} direct={b} response tail={tail!r}")
 

@@ -21,3 +21,21 @@ def test_print_lists_the_layout_without_contacting_wandb(capsys):
     assert out.count("## ") == len(DASHBOARD_SECTIONS)
     for key in dashboard_metric_keys():
         assert key in out, key
+
+
+def test_print_needs_no_entity(capsys, monkeypatch):
+    monkeypatch.delenv("WANDB_ENTITY", raising=False)
+    main(["--print"])
+    assert capsys.readouterr().out.count("## ") == len(DASHBOARD_SECTIONS)
+
+
+def test_saving_without_entity_is_a_one_line_error(capsys, monkeypatch):
+    import pytest
+
+    monkeypatch.delenv("WANDB_ENTITY", raising=False)
+    with pytest.raises(SystemExit) as exit_:
+        main(["--project", "p"])
+    assert exit_.value.code == 2
+    assert capsys.readouterr().err.strip() == (
+        "[dashboard] error: --entity is not set; valid: a wandb user or team (or set WANDB_ENTITY), "
+        "or --print to list the layout offline")

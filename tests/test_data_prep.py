@@ -32,7 +32,7 @@ def test_aime_row_without_answer_is_an_error_naming_file_and_index(tmp_path):
     with pytest.raises(DataPrepError) as err:
         prepare_dataset("aime", AIME, tmp_path)
     message = str(err.value)
-    assert f"{AIME} row 6: no answer" in message and "F" in message and "on_invalid=skip" in message
+    assert f"{AIME} line 7: no answer" in message and "F" in message and "on_invalid=skip" in message
     assert not list(tmp_path.iterdir()), "nothing written on error"
 
 
@@ -40,7 +40,7 @@ def test_aime_skip_with_report(tmp_path):
     result = prepare_dataset("aime", AIME, tmp_path, data_source="aime", on_invalid="skip")
     assert result.num_rows == 102 and [r.index for r in result.skipped] == [6]
     report = json.loads((tmp_path / "aime.skipped.json").read_text())
-    assert report[0]["index"] == 6 and report[0]["source_file"] == str(AIME) and "F" in report[0]["keys"]
+    assert report[0]["index"] == 6 and report[0]["where"] == "line 7" and report[0]["source_file"] == str(AIME) and "F" in report[0]["keys"]
     rows = pq.read_table(tmp_path / "aime.parquet").to_pylist()
     raw = [json.loads(line) for line in AIME.read_text().splitlines()]
     assert len(rows) == 102 and 6 not in {r["extra_info"]["index"] for r in rows}
@@ -132,15 +132,53 @@ def test_read_records_formats_and_errors(tmp_path):
 
 
 def test_prepare_data_command(tmp_path):
-    """scripts/prepare_data.sh on the shared files: fails on the AIME row by default, skips with a report."""
+    """scripts/prepare_data.sh as the README writes it works on the shared files: the AIME row without an
+    answer is skipped and reported; on_invalid=error stops there instead."""
     env = {**os.environ, "PYTHON": sys.executable}
     script = str(REPO / "scripts" / "prepare_data.sh")
     run = {"capture_output": True, "text": True, "env": env, "timeout": 120}
-    failed = subprocess.run(["bash", script, f"output_dir={tmp_path}"], check=False, **run)
-    assert failed.returncode != 0 and "aime_2021_2024.jsonl row 6: no answer" in failed.stderr
-    ok = subprocess.run(["bash", script, f"output_dir={tmp_path}", "on_invalid=skip"], check=False, **run)
+    ok = subprocess.run(["bash", script], check=False, cwd=tmp_path, **run)
     assert ok.returncode == 0, ok.stderr[-2000:]
+    out = tmp_path / "data" / "prepared"
     assert "aime_2021_2024: 102 rows" in ok.stdout and "amc_2022_2023: 83 rows" in ok.stdout
-    assert "skipped" in ok.stdout and "row 6" in ok.stdout
-    assert sorted(p.name for p in tmp_path.iterdir()) == [
+    assert "1 skipped" in ok.stdout and "aime_2021_2024.jsonl line 7: no answer" in ok.stdout
+    assert sorted(p.name for p in out.iterdir()) == [
         "aime_2021_2024.parquet", "aime_2021_2024.skipped.json", "amc_2022_2023.parquet"]
+    failed = subprocess.run(["bash", script, f"output_dir={tmp_path / 'strict'}", "on_invalid=error"], check=False, **run)
+    assert failed.returncode == 2 and "aime_2021_2024.jsonl line 7: no answer" in failed.stderr
+    assert "Traceback" not in failed.stderr
+
+
+@pytest.mark.parametrize(
+    "content,message",
+    [
+        ("", "datasets.bad.path='{path}': the input has no rows"),
+        ("\n\n", "datasets.bad.path='{path}': the input has no rows"),
+        ('{"problem": "1+1", "answer": "2"}\n{"problem": "2+2"\n', "{path} line 2: not valid JSON"),
+        ('{"problem": "1+1"}\n{"question": "2+2"}\n',
+         "datasets.bad.path='{path}': none of its 2 rows can be converted; the first: {path} line 1: no answer"),
+    ],
+)
+def test_bad_inputs_are_one_line_errors(tmp_path, content, message):
+    path = tmp_path / "bad.jsonl"
+    path.write_text(content)
+    env = {**os.environ, "PYTHON": sys.executable}
+    proc = subprocess.run(
+        ["bash", str(REPO / "scripts" / "prepare_data.sh"), "~datasets.aime_2021_2024", "~datasets.amc_2022_2023",
+         f"+datasets.bad.path={path}", f"output_dir={tmp_path / 'out'}"],
+        capture_output=True, text=True, env=env, timeout=120, check=False,
+    )
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert proc.stderr.startswith(f"[prepare_data] error: {message.format(path=path)}"), proc.stderr
+    assert "Traceback" not in proc.stderr and not (tmp_path / "out").exists()
+
+
+def test_missing_input_names_the_key(tmp_path):
+    env = {**os.environ, "PYTHON": sys.executable}
+    proc = subprocess.run(
+        ["bash", str(REPO / "scripts" / "prepare_data.sh"), "datasets.aime_2021_2024.path=/nonexistent/aime.jsonl",
+         f"output_dir={tmp_path}"], capture_output=True, text=True, env=env, timeout=120, check=False,
+    )
+    assert proc.returncode == 2
+    assert proc.stderr.strip() == (
+        "[prepare_data] error: datasets.aime_2021_2024.path='/nonexistent/aime.jsonl': no such file or folder")

@@ -225,6 +225,57 @@ def test_bad_criterion_lists_valid_ones(tmp_path):
     assert not (out / "runs").exists() and not (out / "config.yaml").exists()
 
 
+@pytest.mark.parametrize(
+    "config,override,message",
+    [
+        ("token_replacement", "decoding.temperature=nan", "decoding.temperature=nan is invalid; valid: a number > 0"),
+        ("token_replacement", "decoding.top_p=1.5", "decoding.top_p=1.5 is invalid; valid: a number in (0, 1]"),
+        ("token_replacement", "decoding.draft_len=0", "decoding.draft_len=0 is invalid; valid: an integer >= 1, or auto"),
+        ("token_replacement", "decoding.coupling=greedy", "decoding.coupling='greedy' is invalid; valid: maximal, independent"),
+        ("token_replacement", "sweep.thresholds={delta_logp:[nan]}", "sweep.thresholds.delta_logp[0]=nan is invalid"),
+        ("token_replacement", "sweep.thresholds={delta_logp:[]}", "sweep.thresholds.delta_logp is empty"),
+        ("token_replacement", "sweep.thresholds={random:[1.5]}", "sweep.thresholds.random[0]=1.5 is invalid; valid: a number in [0, 1]"),
+        ("token_replacement", "sweep.thresholds={avg_kl:[-0.1]}", "sweep.thresholds.avg_kl[0]=-0.1 is invalid; valid: a number >= 0"),
+        ("token_replacement", "sweep.target_ratios=[1.2]", "sweep.target_ratios[0]=1.2 is invalid; valid: a number in (0, 1)"),
+        ("token_replacement", "grading.timeout_s=nan", "grading.timeout_s=nan is invalid; valid: a number > 0"),
+        ("token_replacement", "pass_ks=[1,64]", "pass_ks[1]=64 is invalid; valid: an integer in [1, 2]"),
+        ("token_replacement", "seeds=[]", "seeds is empty"),
+        ("token_replacement", "models.base=/nonexistent/base", "models.base='/nonexistent/base': no such model directory"),
+        ("extrapolation", "sweep.gammas=[nan]", "sweep.gammas[0]=nan is invalid; valid: a number >= 0"),
+        ("extrapolation", "sweep.gammas=[-0.1]", "sweep.gammas[0]=-0.1 is invalid; valid: a number >= 0"),
+        ("extrapolation", "sweep.gammas=[]", "sweep.gammas is empty"),
+    ],
+)
+def test_bad_settings_are_refused_before_models_load(tmp_path, config, override, message):
+    from verl_ext.checks import ConfigError
+
+    out = tmp_path / "bad"
+    with pytest.raises(ConfigError) as err:
+        sweep.run(make_cfg(out, override, config=config, sizes=SIZES))
+    assert message in str(err.value) and "\n" not in str(err.value)
+    assert not (out / "config.yaml").exists()
+
+
+def test_rows_without_ground_truth_are_refused(tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    rows = [{"prompt": [{"role": "user", "content": "1+1"}], "data_source": "x",
+             "reward_model": {"style": "rule", "ground_truth": gt}} for gt in ("2", "")]
+    path = tmp_path / "p.parquet"
+    pq.write_table(pa.Table.from_pylist(rows), path)
+    with pytest.raises(ValueError, match=r"row 2 \(counted from 1\): reward_model.ground_truth is empty"):
+        sweep.validate(make_cfg(tmp_path / "o", f"data.files=[{path}]", sizes=SIZES))
+
+
+def test_script_error_is_one_line_exit_2(tmp_path):
+    rc, stdout, stderr = run_script(f"output_dir={tmp_path}", "sweep.gammas=[-0.1]", script="run_extrapolation.sh")
+    assert rc == 2
+    assert stderr.strip().splitlines()[-1] == (
+        "[extrapolation] error: sweep.gammas[0]=-0.1 is invalid; valid: a number >= 0")
+    assert "Traceback" not in stderr and "HYDRA_FULL_ERROR" not in stderr
+
+
 # ----------------------------------------------------------------------------- 4. Ray
 
 

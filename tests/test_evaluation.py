@@ -67,6 +67,26 @@ def test_metric_arguments_are_checked(args, error, match):
         pass_at_k(*args)
 
 
+def test_numpy_and_pandas_counts_are_accepted():
+    """Counts taken from pandas are numpy integers; the values equal those from Python ints."""
+    import numpy as np
+    import pandas as pd
+
+    counts = pd.DataFrame({"n": [8, 8, 4], "c": [3, 0, 4]})
+    pairs = list(zip(counts["n"].to_numpy(), counts["c"].to_numpy()))
+    for n, c in pairs:
+        assert isinstance(n, np.integer)
+        for k in (1, 2, 4):
+            assert pass_at_k(n, c, np.int32(k)) == pass_at_k(int(n), int(c), k)
+            assert avg_at_k(n, c, np.uint8(k)) == avg_at_k(int(n), int(c), k)
+    assert mean_pass_at_k(pairs, np.int64(2)) == pytest.approx(
+        mean_pass_at_k([(8, 3), (8, 0), (4, 4)], 2))
+    with pytest.raises(TypeError, match="k=True"):
+        pass_at_k(4, 1, True)
+    with pytest.raises(TypeError, match="c=.*1.0.* must be an integer"):
+        pass_at_k(4, np.float64(1.0), 1)
+
+
 def test_aggregate_and_markdown():
     problems = [
         ProblemResult("aime", "0", "5", [True, False, False, False], ["5", "1", "2", "3"], [10, 20, 30, 40]),
@@ -228,3 +248,102 @@ def test_bad_wandb_enable_is_refused_before_grading(tmp_path):
         run(_compose([f"generations={tmp_path / 'absent.jsonl'}", f"output_dir={tmp_path / 'o'}",
                       "wandb.enable=yes"]))
     assert not (tmp_path / "o").exists()
+
+
+# ----------------------------------------------------------------------------- refused before any model loads
+
+
+@pytest.mark.parametrize(
+    "overrides,message",
+    [
+        (["sampling.temperature=nan"], "sampling.temperature=nan is invalid; valid: a number >= 0"),
+        (["sampling.top_p=1.5"], "sampling.top_p=1.5 is invalid; valid: a number in (0, 1]"),
+        (["sampling.top_p=0"], "sampling.top_p=0 is invalid; valid: a number in (0, 1]"),
+        (["sampling.n=0"], "sampling.n=0 is invalid; valid: an integer >= 1"),
+        (["sampling.top_k=0"], "sampling.top_k=0 is invalid; valid: -1 (off) or an integer >= 1"),
+        (["grader.timeout_s=nan"], "grader.timeout_s=nan is invalid; valid: a number > 0"),
+        (["grader.num_workers=0"], "grader.num_workers=0 is invalid; valid: an integer >= 1"),
+        (["model.backend=tpu"], "model.backend='tpu' is invalid; valid: hf, vllm, auto"),
+        (["model.path=/nonexistent/Qwen"], "model.path='/nonexistent/Qwen': no such model directory"),
+        (["model.path=./models/qwen"], "model.path='./models/qwen': no such model directory"),
+        (["data.files=[]"], "data.files is empty"),
+        (["data.max_problems=0"], "data.max_problems=0 is invalid"),
+    ],
+)
+def test_bad_settings_are_refused_before_any_model_loads(tmp_path, overrides, message, monkeypatch):
+    from verl_ext import generation
+    from verl_ext.checks import ConfigError
+    from verl_ext.evaluation.command import run
+
+    def no_load(*args, **kwargs):
+        raise AssertionError("a model was loaded before the settings were checked")
+
+    monkeypatch.setattr(generation, "load_hf_model", no_load)
+    monkeypatch.setattr(generation, "sample_responses", no_load)
+    (tmp_path / "m").mkdir()
+    data = tmp_path / "d.parquet"
+    data.write_text("x")
+    base = [f"model.path={tmp_path / 'm'}", f"data.files=[{data}]", f"output_dir={tmp_path / 'o'}"]
+    with pytest.raises(ConfigError) as err:
+        run(_compose(base + overrides))
+    assert message in str(err.value) and "\n" not in str(err.value)
+
+
+def test_command_error_is_one_line_exit_2(tmp_path):
+    proc = subprocess.run(
+        ["bash", str(REPO / "scripts" / "evaluate.sh"), "model.path=/nonexistent/model", f"output_dir={tmp_path}"],
+        capture_output=True, text=True, check=False, env=_env(), timeout=120,
+    )
+    assert proc.returncode == 2
+    assert proc.stderr.strip() == "[evaluate] error: model.path='/nonexistent/model': no such model directory"
+
+
+def test_rows_without_ground_truth_are_refused(tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from verl_ext.checks import ConfigError
+    from verl_ext.evaluation.command import EvaluationError, load_problems, read_generations
+
+    rows = [{"prompt": [{"role": "user", "content": "1+1"}], "data_source": "x",
+             "reward_model": {"style": "rule", "ground_truth": gt}} for gt in ("2", "")]
+    path = tmp_path / "p.parquet"
+    pq.write_table(pa.Table.from_pylist(rows), path)
+    with pytest.raises(EvaluationError, match=r"p.parquet row 2 \(counted from 1\): reward_model.ground_truth is empty"):
+        load_problems([str(path)], None)
+    gens = tmp_path / "g.jsonl"
+    gens.write_text(json.dumps({"prompt_id": 0, "response": "r", "ground_truth": "1", "data_source": "x"}) + "\n\n"
+                    + json.dumps({"prompt_id": 1, "response": "r", "ground_truth": " ", "data_source": "x"}) + "\n")
+    columns = {k: k for k in ("prompt_id", "response", "ground_truth", "data_source", "response_length",
+                              "accepted_answers")}
+    with pytest.raises(EvaluationError, match=r"line 3: ground_truth \(column 'ground_truth'\) is empty"):
+        read_generations(gens, columns)
+    gens.write_text('{"prompt_id": 0}\n{not json\n')
+    with pytest.raises(ConfigError, match=r"g.jsonl': line 2 is not valid JSON"):
+        read_generations(gens, columns)
+
+
+def test_evaluate_sh_without_argument_runs_the_tiny_default(tmp_path):
+    """`bash scripts/evaluate.sh` alone: the tiny model on its arithmetic set, its size printed first."""
+    env = {**_env(), "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run(["bash", str(REPO / "scripts" / "evaluate.sh")], capture_output=True, text=True,
+                          check=False, env=env, timeout=300, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "[evaluate] size: 16 problems x 4 samples x 32 max tokens = 64 responses, at most 2,048 tokens" in proc.stdout
+    assert "| tiny_arith | 16 | 4 |" in proc.stdout
+    assert (tmp_path / "outputs" / "eval" / "tiny" / "results.json").exists()
+
+
+def test_size_and_eta_lines():
+    from verl_ext.progress import eta_line, eta_seconds, format_duration, job_size, size_line
+
+    assert job_size(186, 32, 8192) == (186 * 32, 186 * 32 * 8192)
+    assert size_line(186, 32, 8192) == (
+        "186 problems x 32 samples x 8,192 max tokens = 5,952 responses, at most 48,758,784 tokens")
+    # rate so far: 32 responses in 12 s; 3,168 left -> 3168 * 12 / 32 s
+    assert eta_seconds(32, 3200, 12.0) == pytest.approx(3168 * 12 / 32)
+    assert eta_seconds(10, 10, 5.0) == 0.0
+    with pytest.raises(ValueError, match="done=0"):
+        eta_seconds(0, 10, 1.0)
+    assert [format_duration(s) for s in (42, 200, 7500)] == ["42 s", "3 min 20 s", "2 h 05 min"]
+    assert eta_line(32, 3200, 12.0) == "first 32 of 3,200 responses in 12.0 s: about 19 min 48 s left"

@@ -5,6 +5,9 @@ from __future__ import annotations
 
 import json
 import math
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -277,7 +280,7 @@ def test_different_tokenizers_fail_before_any_work(assets, tmp_path):
 
 
 def test_config_errors_name_valid_choices(assets, tmp_path):
-    with pytest.raises(ValueError, match=r"input.source='web' is invalid; valid choices: sample, files"):
+    with pytest.raises(ValueError, match=r"input.source='web' is invalid; valid: sample, files"):
         logp_diff.run(make_cfg(assets, tmp_path / "a", "input.source=web"))
     with pytest.raises(ValueError, match=r"rl_model is not set"):
         logp_diff.run(make_cfg(assets, tmp_path / "b", "rl_model=null"))
@@ -287,6 +290,65 @@ def test_config_errors_name_valid_choices(assets, tmp_path):
         logp_diff.run(make_cfg(assets, tmp_path / "d", "input.source=files"))
     with pytest.raises(ValueError, match=r"no column 'problem'"):
         logp_diff.read_prompt_rows(_prompt_parquet(tmp_path), "problem")
+
+
+@pytest.mark.parametrize(
+    "override,message",
+    [
+        ("sampling.temperature=nan", "sampling.temperature=nan is invalid; valid: a number >= 0"),
+        ("sampling.top_p=1.5", "sampling.top_p=1.5 is invalid; valid: a number in (0, 1]"),
+        ("report.tail_thresholds=[nan]", "report.tail_thresholds[0]=nan is invalid; valid: a number >= 0"),
+        ("report.tail_thresholds=[]", "report.tail_thresholds is empty"),
+        ("report.tail_thresholds=[-0.1]", "report.tail_thresholds[0]=-0.1 is invalid; valid: a number >= 0"),
+        ("report.delta_bin_edges=[1,0]", "report.delta_bin_edges=[1, 0] is invalid; valid: at least 2 strictly increasing"),
+        ("scoring.chunk_size=0", "scoring.chunk_size=0 is invalid; valid: an integer >= 1"),
+        ("dtype=float8", "dtype='float8' is invalid; valid: auto, float32, bfloat16, float16"),
+        ("device=gpu", "device='gpu' is invalid; valid: auto, cpu, cuda, cuda:N"),
+        ("base_model=/nonexistent/base", "base_model='/nonexistent/base': no such model directory"),
+    ],
+)
+def test_bad_settings_are_refused_before_models_load(assets, tmp_path, override, message, monkeypatch):
+    from verl_ext.checks import ConfigError
+
+    def no_load(*args, **kwargs):
+        raise AssertionError("a model or tokenizer was loaded before the settings were checked")
+
+    monkeypatch.setattr(logp_diff, "load_tokenizers", no_load)
+    with pytest.raises(ConfigError) as err:
+        logp_diff.run(make_cfg(assets, tmp_path / "bad", override))
+    assert message in str(err.value) and "\n" not in str(err.value)
+    assert not (tmp_path / "bad" / "tokens").exists()
+
+
+@pytest.mark.parametrize(
+    "content,message",
+    [
+        ("", "input.prompts='{path}': the file is empty"),
+        ('{"question": "a"}\n{"question": \n', "input.prompts='{path}': line 2 is not valid JSON"),
+        ('{"question": "a"}\n\n{"q": "b"}\n', "input.prompts='{path}': line 3 has no field 'question'"),
+        ('{"question": ""}\n', "input.prompts='{path}': line 1: field 'question' is empty"),
+    ],
+)
+def test_bad_prompt_files_name_file_and_line(assets, tmp_path, content, message):
+    from verl_ext.checks import ConfigError
+
+    path = tmp_path / "prompts.jsonl"
+    path.write_text(content)
+    with pytest.raises(ConfigError) as err:
+        logp_diff.run(make_cfg(assets, tmp_path / "o", f"input.prompts={path}"))
+    assert message.format(path=path) in str(err.value)
+
+
+def test_command_error_is_one_line_exit_2(tmp_path):
+    env = {**os.environ, "PYTHON": sys.executable}
+    proc = subprocess.run(
+        ["bash", str(REPO / "scripts" / "analyze_logp_diff.sh"), f"output_dir={tmp_path}", "sampling.temperature=nan"],
+        capture_output=True, text=True, env=env, timeout=120, check=False,
+    )
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines()[-1] == (
+        "[analyze_logp_diff] error: sampling.temperature=nan is invalid; valid: a number >= 0")
+    assert "Traceback" not in proc.stderr and "HYDRA_FULL_ERROR" not in proc.stderr
 
 
 def _prompt_parquet(tmp_path: Path) -> Path:

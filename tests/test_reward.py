@@ -60,6 +60,49 @@ def test_extract_answer(text, expected):
     assert extract_answer(text) == expected
 
 
+def _reference_balanced_group(text: str, start: int) -> int | None:
+    """Index of the `}` matching the `{` at `start`, by counting depth from `start` (quadratic over many boxes)."""
+    depth, i = 0, start
+    while i < len(text):
+        if text[i] == "\\":
+            i += 2
+            continue
+        depth += {"{": 1, "}": -1}.get(text[i], 0)
+        if depth == 0:
+            return i
+        i += 1
+    return None
+
+
+def test_matching_braces_agrees_with_depth_counting():
+    import random
+
+    rng = random.Random(0)
+    for _ in range(300):
+        text = "".join(rng.choice(["{", "}", "\\{", "\\}", "\\\\", "a", "\\boxed{"]) for _ in range(rng.randrange(1, 40)))
+        pairs = reward.matching_braces(text)
+        i = 0
+        while i < len(text):  # every unescaped `{`, found the same way the scanner walks
+            if text[i] == "\\":
+                i += 2
+                continue
+            if text[i] == "{":
+                assert pairs.get(i) == _reference_balanced_group(text, i), (text, i)
+            i += 1
+
+
+@pytest.mark.parametrize("unit", ["\\boxed{", "\\boxed{x", "\\fbox{{", "\\boxed{\\boxed{"])
+def test_extraction_is_linear_in_unclosed_boxes(unit):
+    """100k characters of unclosed boxes (a model stuck in a loop): one pass, well under a second."""
+    text = "\\boxed{7} " + unit * (100_000 // len(unit))
+    start = time.perf_counter()
+    assert extract_boxed_answer(text) == "7"
+    out = compute_score("loop", text, "7", timeout_s=1.0)
+    elapsed = time.perf_counter() - start
+    assert out["acc"] is True
+    assert elapsed < 0.5, f"{elapsed:.2f}s"
+
+
 # ----------------------------------------------------------------------------- grading table
 
 EQUIVALENT = [
@@ -327,7 +370,107 @@ def test_non_string_inputs_never_raise():
 
 def test_bad_worker_count_is_a_clear_error(monkeypatch):
     monkeypatch.setenv(reward.NUM_WORKERS_ENV, "zero")
-    with pytest.raises(ValueError, match="VERL_EXT_GRADER_WORKERS='zero'"):
+    with pytest.raises(ValueError, match="VERL_EXT_GRADER_WORKERS='zero' is invalid; valid: an integer >= 1"):
         reward._num_workers_from_env()
-    with pytest.raises(ValueError, match="num_workers=0"):
+    with pytest.raises(ValueError, match="max_workers=0"):
         reward.GraderPool(0)
+
+
+# ----------------------------------------------------------------------------- the pool under concurrent callers
+
+HANGS = "(x+1)^{100000}"  # Math-Verify expands it for minutes: only the bound ends it
+
+
+def _concurrent(fn, callers: int) -> list:
+    out: list = [None] * callers
+    threads = [threading.Thread(target=lambda i=i: out.__setitem__(i, fn(i))) for i in range(callers)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=300)
+    return out
+
+
+def test_first_call_waits_for_start_up_then_the_bound_holds():
+    """A cold pool's first call is not graded wrong for the start-up (seconds) it waits through."""
+    pool = reward.GraderPool(1)
+    try:
+        assert pool.grade("\\frac{1}{2}", "0.5", 0.5) is True
+        start = time.monotonic()
+        assert pool.grade(HANGS, "5", 0.5) is None
+        assert time.monotonic() - start < 1.0
+    finally:
+        pool.close()
+
+
+def test_concurrent_callers_each_return_within_the_bound():
+    """N callers, one answer each hanging: every call, waiting for a worker included, returns within the
+    bound, and the honest answers are graded right (one worker per caller, and the spare serves the
+    caller whose worker was killed while its replacement starts)."""
+    callers, bound = 4, 2.0
+    pool = reward.GraderPool(callers + 1)
+    try:
+        for _ in range(2):  # warm: one worker per caller, then the spare
+            _concurrent(lambda i: pool.grade("1/2", "0.5", 60.0), callers)
+        time.sleep(5.0)  # the spare's start-up
+        assert pool.num_workers >= callers
+
+        def work(i: int) -> list[tuple[float, bool | None, bool]]:
+            results = []
+            for j in range(4):
+                adversarial = (i == 0 and j == 0) or (i == 1 and j == 2)
+                pred = HANGS if adversarial else f"\\frac{{{2 * (i + j + 1)}}}{{2}}"
+                start = time.monotonic()
+                verdict = pool.grade(pred, "5" if adversarial else str(i + j + 1), bound)
+                results.append((time.monotonic() - start, verdict, adversarial))
+            return results
+
+        results = [r for rows in _concurrent(work, callers) for r in rows]
+    finally:
+        pool.close()
+    assert len(results) == callers * 4
+    slowest = max(elapsed for elapsed, _, _ in results)
+    assert slowest < bound + 0.5, f"slowest call {slowest:.2f}s"
+    assert all(verdict is None for _, verdict, adversarial in results if adversarial)
+    assert all(verdict is True for _, verdict, adversarial in results if not adversarial)
+
+
+def test_pool_grows_to_the_callers_plus_one_spare():
+    """Two callers grading as fast as they can never make a pool allowed 16 workers start more than 3."""
+    pool = reward.GraderPool(16)
+    try:
+        stop = time.monotonic() + 3.0
+
+        def work(i: int) -> int:
+            done = 0
+            while time.monotonic() < stop:
+                assert pool.grade("1/2", "0.5", 60.0) is True
+                done += 1
+            return done
+
+        counts = _concurrent(work, 2)
+        assert min(counts) >= 1 and pool.num_workers <= 2 + reward.SPARE_WORKERS
+    finally:
+        pool.close()
+
+
+def test_hand_out_is_first_come_first_served():
+    """One worker, four threads grading as fast as they can: each gets its turn (the old LIFO pool let
+    the releasing thread take the worker back: 17,316 calls for one thread, 1 for the others)."""
+    pool = reward.GraderPool(1)
+    try:
+        assert pool.grade("1/2", "0.5", 60.0) is True
+        stop = time.monotonic() + 2.0
+
+        def work(i: int) -> int:
+            done = 0
+            while time.monotonic() < stop:
+                assert pool.grade("1/2", "0.5", 10.0) is True
+                done += 1
+            return done
+
+        counts = _concurrent(work, 4)
+    finally:
+        pool.close()
+    assert min(counts) >= 10, counts
+    assert max(counts) - min(counts) <= 2, counts

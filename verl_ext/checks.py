@@ -189,3 +189,59 @@ def exit_on_config_error(prog: str, errors: tuple[type[BaseException], ...] = (C
             raise
         print(f"[{prog}] error: {err}", file=sys.stderr, flush=True)
         raise SystemExit(EXIT_CODE) from None
+
+
+def check_sampling(
+    section: Any, prefix: str, *, keys: Sequence[str] = ("n", "temperature", "top_p", "top_k", "max_new_tokens", "batch_size")
+) -> None:
+    """The usual sampling knobs of a config section (a mapping), each under its full key `prefix.name`.
+
+    n >= 1, temperature finite >= 0 (0 = greedy), top_p in (0, 1], top_k -1 (off) or >= 1,
+    max_new_tokens >= 1, batch_size >= 1, seed an integer: only the `keys` the section has.
+    """
+    rules = {
+        "n": {"low": 1, "integer": True},
+        "temperature": {"low": 0},
+        "top_p": {"low": 0, "high": 1, "low_open": True},
+        "max_new_tokens": {"low": 1, "integer": True},
+        "batch_size": {"low": 1, "integer": True},
+        "seed": {"integer": True},
+    }
+    for name in keys:
+        if name not in section:
+            continue
+        value = section[name]
+        if name == "top_k":
+            if isinstance(value, bool) or not isinstance(value, numbers.Integral) or not (value == -1 or value >= 1):
+                raise invalid(f"{prefix}.top_k", value, "-1 (off) or an integer >= 1")
+            continue
+        check_number(value, f"{prefix}.{name}", **rules[name])
+
+
+def read_jsonl(path: Any, key: str, required: Sequence[str] = ()) -> list[tuple[int, dict]]:
+    """(line number counted from 1, row) for every non-blank line of a JSONL file; ConfigError naming the
+    file and line for a line that is not a JSON object or lacks a `required` field (or has it empty),
+    and for a file with no rows."""
+    import json
+
+    p = check_file(path, key)
+    rows = []
+    with open(p, encoding="utf-8") as f:
+        for lineno, line in enumerate(f, start=1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as err:
+                raise ConfigError(f"{key}={str(path)!r}: line {lineno} is not valid JSON ({err.msg}, column {err.colno})") from None
+            if not isinstance(row, dict):
+                raise ConfigError(f"{key}={str(path)!r}: line {lineno} is not a JSON object")
+            for field in required:
+                if field not in row:
+                    raise ConfigError(f"{key}={str(path)!r}: line {lineno} has no field {field!r}; fields are {sorted(row)}")
+                if row[field] is None or (isinstance(row[field], str) and not row[field].strip()):
+                    raise ConfigError(f"{key}={str(path)!r}: line {lineno}: field {field!r} is empty")
+            rows.append((lineno, row))
+    if not rows:
+        raise ConfigError(f"{key}={str(path)!r}: the file has no rows")
+    return rows

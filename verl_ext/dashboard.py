@@ -1,7 +1,7 @@
 """The wandb dashboard for DAPO-reweight runs, built with wandb's own `wandb-workspaces` library.
 
     python -m verl_ext.dashboard --entity ENTITY --project dapo_reweight            # create / update
-    python -m verl_ext.dashboard --entity ENTITY --project dapo_reweight --print    # show, no network
+    python -m verl_ext.dashboard --print                                             # show, no network
 
 One section per question the paper's figures answer: does reward / validation Avg@k rise,
 how long are responses, how does entropy move, what does the weighting hook do, how far a
@@ -12,6 +12,9 @@ top-p rollout is off-policy, and is optimisation healthy. Runs are grouped by wa
 from __future__ import annotations
 
 import argparse
+import os
+
+from verl_ext.checks import ConfigError, exit_on_config_error
 
 # (section, [(panel title, metric keys, metric regex or None)]) — keys as verl and our hook log them.
 DASHBOARD_SECTIONS: list[tuple[str, list[tuple[str, list[str], str | None]]]] = [
@@ -88,12 +91,17 @@ def build_workspace(entity: str, project: str, name: str = "DAPO reweight (paper
 
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--entity", required=True, help="wandb entity (user or team)")
+    ap.add_argument("--entity", default=os.environ.get("WANDB_ENTITY"),
+                    help="wandb entity (user or team); default $WANDB_ENTITY; not needed with --print")
     ap.add_argument("--project", default="dapo_reweight", help="wandb project (trainer.project_name)")
     ap.add_argument("--name", default="DAPO reweight (paper figures)", help="name of the saved view")
     ap.add_argument("--print", action="store_true", help="print the layout instead of saving it to wandb")
     args = ap.parse_args(argv)
-    workspace = build_workspace(args.entity, args.project, args.name)
+    with exit_on_config_error("dashboard"):
+        if not args.print and not args.entity:
+            raise ConfigError("--entity is not set; valid: a wandb user or team (or set WANDB_ENTITY), "
+                              "or --print to list the layout offline")
+    workspace = build_workspace(args.entity or "ENTITY", args.project, args.name)
     if args.print:
         for section in workspace.sections:
             print(f"## {section.name}")

@@ -15,9 +15,10 @@ Output, one row per problem (verl's schema):
   reward_model={"style": "rule", "ground_truth": first accepted answer},
   extra_info={"index", "split", "id", "source_file", "accepted_answers", "raw_answer", "problem"}.
 
-A row without a problem or an answer is an error naming its file, index and keys; with
-`on_invalid=skip` it is skipped and listed in `<output_dir>/<name>.skipped.json` and on stdout.
-Never silently dropped.
+A row without a problem or an answer is skipped (`on_invalid=skip`, the default) and listed, by file,
+line (JSONL) or row counted from 1, and keys, on stdout and in `<output_dir>/<name>.skipped.json`;
+with `on_invalid=error` it stops the command. Never silently dropped. An empty input, or one with
+no convertible row, is an error.
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ from typing import Any
 import hydra
 
 from verl_ext.atomic_io import atomic_write_bytes
+from verl_ext.checks import ConfigError, check_choice, check_writable_dir, exit_on_config_error
 from verl_ext.generation import PROMPT_SUFFIX, format_problem
 
 REPO = Path(__file__).resolve().parents[1]
@@ -51,19 +53,21 @@ _DAPO_PREFIX = re.compile(
 _DAPO_SUFFIX = re.compile(r"\s*Remember to put your answer on its own line after \"Answer:\"\.?\s*$")
 
 
-class DataPrepError(ValueError):
+class DataPrepError(ConfigError):
     """Input rows that cannot be converted (each named by file and index)."""
 
 
 @dataclass
 class InvalidRow:
     source_file: str
-    index: int
+    index: int  # position among the file's records, from 0 (extra_info.index of converted rows)
     reason: str
     keys: list[str] = field(default_factory=list)
+    where: str = ""  # "line N" of a JSONL file, else "row N", both counted from 1
 
     def __str__(self) -> str:
-        return f"{self.source_file} row {self.index}: {self.reason} (row keys: {', '.join(self.keys)})"
+        where = self.where or f"row {self.index + 1}"
+        return f"{self.source_file} {where}: {self.reason} (row keys: {', '.join(self.keys)})"
 
 
 # ----------------------------------------------------------------------------- reading
@@ -101,6 +105,18 @@ def read_records(path: str | Path) -> list[dict]:
             raise DataPrepError(f"{p}: a .json input must hold a list of rows, got {type(data).__name__}")
         return data
     raise DataPrepError(f"{p}: unsupported file type {p.suffix!r}; valid: .parquet, .jsonl, .json, a folder of .parquet")
+
+
+def record_locations(path: str | Path, count: int) -> list[str]:
+    """Where each of `count` records of `path` is, for messages: "line N" (JSONL: its non-blank lines,
+    counted from 1) or "row N" (counted from 1)."""
+    p = Path(path)
+    if p.is_file() and p.suffix == ".jsonl":
+        with open(p, encoding="utf-8") as f:
+            lines = [f"line {n}" for n, line in enumerate(f, start=1) if line.strip()]
+        if len(lines) == count:
+            return lines
+    return [f"row {i + 1}" for i in range(count)]
 
 
 def _read_hub(name: str) -> list[dict]:
@@ -318,10 +334,19 @@ def prepare_dataset(
     if on_invalid not in ON_INVALID:
         raise ValueError(f"on_invalid={on_invalid!r} is invalid; valid choices: {', '.join(ON_INVALID)}")
     records = read_records(path)
+    if not records:
+        raise DataPrepError(f"datasets.{name}.path={str(path)!r}: the input has no rows")
     rows, invalid = convert_rows(
         records, source_file=str(path), data_source=data_source or name, split=split, suffix=suffix,
         prompt_style=prompt_style, keep=keep,
     )
+    locations = record_locations(path, len(records))
+    for row in invalid:
+        row.where = locations[row.index]
+    if not rows and invalid:
+        raise DataPrepError(
+            f"datasets.{name}.path={str(path)!r}: none of its {len(records)} rows can be converted; the first: {invalid[0]}"
+        )
     if invalid and on_invalid == "error":
         listing = "\n  ".join(str(r) for r in invalid)
         raise DataPrepError(
@@ -334,7 +359,8 @@ def prepare_dataset(
         rows, removed = deduplicate(rows)
     output_dir = Path(output_dir)
     if invalid:
-        report = [{"source_file": r.source_file, "index": r.index, "reason": r.reason, "keys": r.keys} for r in invalid]
+        report = [{"source_file": r.source_file, "index": r.index, "where": r.where, "reason": r.reason, "keys": r.keys}
+                  for r in invalid]
         atomic_write_bytes(output_dir / f"{name}.skipped.json", json.dumps(report, indent=1).encode())
     output = write_parquet(rows, output_dir / f"{name}.parquet") if rows else None
     return PreparedDataset(name, output, len(rows), invalid, removed)
@@ -355,6 +381,8 @@ def run(cfg) -> list[PreparedDataset]:
 
     if not cfg.datasets:
         raise DataPrepError("no datasets configured: add one, e.g. +datasets.math500.path=/data/math500.jsonl")
+    check_choice(cfg.on_invalid, "on_invalid", ON_INVALID)
+    check_writable_dir(cfg.output_dir, "output_dir")
     results = []
     for name, spec in cfg.datasets.items():
         spec = OmegaConf.to_container(spec, resolve=True)
@@ -365,12 +393,15 @@ def run(cfg) -> list[PreparedDataset]:
             )
         if not spec.get("path"):
             raise DataPrepError(f"datasets.{name}.path is not set")
+        if not Path(str(spec["path"])).exists() and not _HUB_ID.fullmatch(str(spec["path"])):
+            raise DataPrepError(f"datasets.{name}.path={str(spec['path'])!r}: no such file or folder")
         result = prepare_dataset(
             name, spec["path"], cfg.output_dir, data_source=spec.get("data_source"), split=spec.get("split", "test"),
             suffix=cfg.suffix, prompt_style=spec.get("prompt_style", "suffix"), keep=spec.get("keep"),
             on_invalid=cfg.on_invalid, dedupe=bool(spec.get("dedupe", False)),
         )
-        print(f"[prepare_data] {name}: {result.num_rows} rows -> {result.output}")
+        skipped = f" ({len(result.skipped)} skipped, listed below and in {name}.skipped.json)" if result.skipped else ""
+        print(f"[prepare_data] {name}: {result.num_rows} rows -> {result.output}{skipped}")
         if result.duplicates_removed:
             print(f"[prepare_data] {name}: removed {result.duplicates_removed} duplicate problems")
         for row in result.skipped:
@@ -384,10 +415,8 @@ _register_resolvers()
 
 @hydra.main(version_base=None, config_path=str(REPO / "configs"), config_name="prepare_data")
 def main(cfg) -> None:
-    try:
+    with exit_on_config_error("prepare_data", (ConfigError, FileNotFoundError, ValueError)):
         run(cfg)
-    except (DataPrepError, FileNotFoundError, ValueError) as err:
-        raise SystemExit(f"[prepare_data] error: {err}") from None
 
 
 if __name__ == "__main__":

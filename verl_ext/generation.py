@@ -16,6 +16,7 @@ Sampling is exactly temperature / top-p / top-k as given: the model's own genera
 from __future__ import annotations
 
 import os
+import time
 from dataclasses import dataclass
 from typing import Any
 
@@ -80,18 +81,12 @@ def encode_problem(tokenizer, problem: str, suffix: str = PROMPT_SUFFIX, use_cha
 
 
 def check_sampling_args(n: int, temperature: float, top_p: float, top_k: int, max_new_tokens: int, batch_size: int) -> None:
-    """Raise ValueError naming the first invalid argument and its valid range."""
-    checks = [
-        ("n", n, isinstance(n, int) and n >= 1, "an integer >= 1"),
-        ("temperature", temperature, temperature >= 0, ">= 0 (0 = greedy)"),
-        ("top_p", top_p, 0 < top_p <= 1, "in (0, 1]"),
-        ("top_k", top_k, isinstance(top_k, int) and (top_k == -1 or top_k >= 1), "-1 (off) or an integer >= 1"),
-        ("max_new_tokens", max_new_tokens, isinstance(max_new_tokens, int) and max_new_tokens >= 1, "an integer >= 1"),
-        ("batch_size", batch_size, isinstance(batch_size, int) and batch_size >= 1, "an integer >= 1"),
-    ]
-    for name, value, ok, valid in checks:
-        if not ok:
-            raise ValueError(f"{name}={value!r} is invalid: must be {valid}")
+    """Raise ConfigError (a ValueError) naming the first invalid argument, its value and the valid range
+    (`verl_ext.checks.check_sampling`: NaN and infinities are refused too)."""
+    from verl_ext.checks import check_sampling
+
+    check_sampling({"n": n, "temperature": temperature, "top_p": top_p, "top_k": top_k,
+                    "max_new_tokens": max_new_tokens, "batch_size": batch_size}, "sampling")
 
 
 def resolve_backend(backend: str) -> str:
@@ -230,6 +225,7 @@ def _sample_hf(model, tokenizer, prompts, n, *, temperature, top_p, top_k, max_n
         progress = tqdm(total=len(jobs), desc="sampling", unit="response")
     results: dict[tuple[int, int], Generation] = {}
     fork_devices = [run_device] if run_device.type == "cuda" else []
+    started = time.monotonic()
     for b, batch in enumerate(batches):
         input_ids, mask = (t.to(run_device) for t in left_pad([prompts[p] for p, _ in batch], pad_id))
         with torch.random.fork_rng(devices=fork_devices), torch.no_grad():
@@ -247,6 +243,10 @@ def _sample_hf(model, tokenizer, prompts, n, *, temperature, top_p, top_k, max_n
             )
         if progress is not None:
             progress.update(len(batch))
+            if b == 0 and len(batches) > 1:
+                from verl_ext.progress import eta_line
+
+                progress.write(f"[sampling] {eta_line(len(batch), len(jobs), time.monotonic() - started)}")
     if progress is not None:
         progress.close()
     return [results[key] for key in sorted(results)]

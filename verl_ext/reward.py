@@ -28,17 +28,16 @@ nesting limits) answer most cases without a round trip.
 from __future__ import annotations
 
 import atexit
+import collections
 import json
 import logging
 import os
-import queue
 import re
 import select
 import subprocess
 import sys
 import threading
 import time
-from decimal import Decimal, InvalidOperation
 
 logger = logging.getLogger(__name__)
 
@@ -46,7 +45,9 @@ DEFAULT_TIMEOUT_S = 5.0  # per answer, wall clock, Math-Verify's own default bou
 STARTUP_TIMEOUT_S = 120.0  # a worker importing sympy + Math-Verify (about 2 s on a laptop core)
 MAX_ANSWER_CHARS = 1000  # longer extracted answers are graded wrong without parsing
 MAX_BRACE_DEPTH = 32  # deeper brace nesting is graded wrong without parsing
-NUM_WORKERS_ENV = "VERL_EXT_GRADER_WORKERS"  # worker processes per process (default 1)
+NUM_WORKERS_ENV = "VERL_EXT_GRADER_WORKERS"  # at most this many worker processes per process
+DEFAULT_MAX_WORKERS = 16  # the pool grows to the callers' concurrency, up to this
+SPARE_WORKERS = 1  # ready workers kept beyond the callers in flight
 SCORE_CORRECT, SCORE_WRONG = 1.0, -1.0
 
 # ----------------------------------------------------------------------------- extraction
@@ -56,35 +57,34 @@ _ANSWER_LINE = re.compile(r"answer\s*:[ \t]*([^\n]*)", re.IGNORECASE)
 _UNBRACED_TOKEN = re.compile(r"[^\s$]+")
 
 
-def _balanced_group(text: str, start: int) -> tuple[str, int] | None:
-    """`text[start]` is `{`: return (content, end index past the matching `}`), None if unbalanced.
+def matching_braces(text: str) -> dict[int, int]:
+    """{index of `{`: index of its matching `}`} for every balanced pair, in one left-to-right pass.
 
-    Escaped braces (`\\{`, `\\}`) and any other backslash pair do not change the depth.
+    A stack of open braces; escaped braces (`\\{`, `\\}`) and any other backslash pair do not count.
+    An unmatched `{` is absent. Linear in len(text), whatever the number of unclosed braces.
     """
-    depth, i, n = 0, start, len(text)
+    pairs, stack, i, n = {}, [], 0, len(text)
     while i < n:
         ch = text[i]
         if ch == "\\":
             i += 2
             continue
         if ch == "{":
-            depth += 1
-        elif ch == "}":
-            depth -= 1
-            if depth == 0:
-                return text[start + 1 : i], i + 1
+            stack.append(i)
+        elif ch == "}" and stack:
+            pairs[stack.pop()] = i
         i += 1
-    return None
+    return pairs
 
 
-def _box_content(text: str, after: int) -> str | None:
+def _box_content(text: str, after: int, pairs: dict[int, int]) -> str | None:
     """Argument of a box command ending at `after`: `{...}` balanced, or one bare token (`\\boxed 5`)."""
     i = after
     while i < len(text) and text[i] in " \t":
         i += 1
     if i < len(text) and text[i] == "{":
-        group = _balanced_group(text, i)
-        return None if group is None else group[0]
+        close = pairs.get(i)
+        return None if close is None else text[i + 1 : close]
     if i == after:  # `\boxed5` or `\boxed` at the end: not an argument
         return None
     token = _UNBRACED_TOKEN.match(text, i)
@@ -96,11 +96,17 @@ def extract_boxed_answer(text: str | None) -> str | None:
 
     `\\boxed 5` (one token, no braces) counts too. A box whose braces never close (a truncated
     response) is skipped in favour of the previous complete one. None when there is no box.
+    Linear time: the braces are matched once for the whole text (`matching_braces`), so a response
+    of 100k characters of unclosed `\\boxed{` costs one pass, not one pass per box.
     """
     if not text:
         return None
-    for match in reversed(list(_BOX_COMMAND.finditer(text))):
-        content = _box_content(text, match.end())
+    matches = list(_BOX_COMMAND.finditer(text))
+    if not matches:
+        return None
+    pairs = matching_braces(text)
+    for match in reversed(matches):
+        content = _box_content(text, match.end(), pairs)
         if content is not None:
             return content.strip()
     return None
@@ -129,7 +135,6 @@ def extract_answer(text: str | None) -> str | None:
 
 # ----------------------------------------------------------------------------- pre-checks
 
-_NUMBER = re.compile(r"[+-]?(?:\d+(?:\.\d*)?|\.\d+)")
 _MATH_DELIMITERS = (("$$", "$$"), ("$", "$"), ("\\(", "\\)"), ("\\[", "\\]"))
 
 
@@ -169,22 +174,17 @@ def quick_verdict(pred: str, ground_truth: str) -> bool | None:
     """Decide without Math-Verify when it is certain, else None.
 
     - identical up to whitespace: equivalent;
-    - both plain decimal numbers: equal values are equivalent (`142` vs `142.0`); two different
-      integers are not. Other number pairs go to Math-Verify (it compares floats with a tolerance).
+    - both exact-number expressions (integers, decimals, fractions, powers, factorials):
+      `verl_ext.exact_numbers.compare`, exact where both sides are exact (`1/2004!` is not
+      `1/2006!`, `142` is `142.0`), a tolerance only against a decimal for a value no decimal can
+      write. Other pairs go to Math-Verify.
     """
+    from verl_ext.exact_numbers import compare
+
     a, b = "".join(pred.split()), "".join(ground_truth.split())
     if a and a == b:
         return True
-    if _NUMBER.fullmatch(a) and _NUMBER.fullmatch(b):
-        try:
-            x, y = Decimal(a), Decimal(b)
-        except InvalidOperation:
-            return None
-        if x == y:
-            return True
-        if x == x.to_integral_value() and y == y.to_integral_value():
-            return False
-    return None
+    return compare(a, b)
 
 
 # ----------------------------------------------------------------------------- Math-Verify (worker side)
@@ -310,42 +310,120 @@ class GraderWorker:
 
 
 class GraderPool:
-    """Up to `num_workers` worker processes shared by all threads of this process."""
+    """Worker processes shared by all threads of this process, sized to the callers' concurrency.
 
-    def __init__(self, num_workers: int) -> None:
-        if num_workers < 1:
-            raise ValueError(f"num_workers={num_workers}: must be >= 1")
-        self.num_workers = num_workers
+    Contract: a call returns within its `timeout_s`, waiting for a worker included. Callers queue in
+    arrival order (FIFO: a caller that has just finished cannot take the worker back ahead of one
+    that was waiting). While callers wait and fewer than `max_workers` workers exist, a new worker
+    starts in the background, so the pool grows to the number of concurrent callers (one worker each):
+    then nobody waits behind a slow answer. SPARE_WORKERS (one) worker is kept ready besides (within
+    `max_workers`), so that the caller whose worker was just killed for a hanging answer does not wait
+    for a replacement's start-up. A caller that gets no worker before its deadline is graded
+    wrong (None). Until the first worker is ready the wait may last STARTUP_TIMEOUT_S instead: a
+    process's first start-up (about 2 s) is not an answer's fault. A killed worker is replaced in the
+    background at once.
+    """
+
+    def __init__(self, max_workers: int) -> None:
+        if isinstance(max_workers, bool) or not isinstance(max_workers, int) or max_workers < 1:
+            raise ValueError(f"max_workers={max_workers!r}: must be an integer >= 1")
+        self.max_workers = max_workers
         self.pid = os.getpid()
-        self._idle: queue.LifoQueue[GraderWorker] = queue.LifoQueue()
-        self._started = 0
-        self._lock = threading.Lock()
+        self._cond = threading.Condition()
+        self._idle: list[GraderWorker] = []
+        self._waiting: collections.deque[object] = collections.deque()
+        self._workers = 0  # started and not dead: idle, busy or starting
+        self._starting = 0
+        self._busy = 0  # handed out to a caller
+        self._ever_ready = False
+        self._first_start: float | None = None
+        self._closed = False
 
-    def _acquire(self) -> GraderWorker:
+    @property
+    def num_workers(self) -> int:
+        """Workers now started (idle, busy or starting)."""
+        return self._workers
+
+    def _start_worker(self) -> None:
+        """Start one worker in a background thread (caller holds the lock)."""
+        self._workers += 1
+        self._starting += 1
+        if self._first_start is None:
+            self._first_start = time.monotonic()
+        threading.Thread(target=self._bring_up, daemon=True, name="grader-start").start()
+
+    def _grow(self) -> None:
+        """Start workers until there is one per caller in flight (busy or waiting) plus SPARE_WORKERS,
+        within `max_workers` (caller holds the lock)."""
+        demand = min(self._busy + len(self._waiting) + SPARE_WORKERS, self.max_workers)
+        while self._workers < demand and not self._closed:
+            self._start_worker()
+
+    def _bring_up(self) -> None:
+        worker = None
         try:
-            return self._idle.get_nowait()
-        except queue.Empty:
-            pass
-        with self._lock:
-            if self._started < self.num_workers:
-                self._started += 1
-                return GraderWorker()
-        return self._idle.get()
+            worker = GraderWorker()
+            ok = worker.wait_ready()
+        except OSError:
+            ok = False
+        with self._cond:
+            self._starting -= 1
+            if ok and not self._closed:
+                self._idle.append(worker)
+                self._ever_ready = True
+            else:
+                self._workers -= 1
+                if worker is not None:
+                    worker.kill()
+            self._cond.notify_all()
+
+    def _acquire(self, deadline: float) -> GraderWorker | None:
+        """The next idle worker once every earlier caller has one, or None past `deadline`."""
+        ticket = object()
+        with self._cond:
+            self._waiting.append(ticket)
+            try:
+                while True:
+                    if self._waiting[0] is ticket and self._idle:
+                        self._busy += 1
+                        return self._idle.pop()
+                    self._grow()
+                    limit = deadline if self._ever_ready else max(deadline, self._first_start + STARTUP_TIMEOUT_S)
+                    remaining = limit - time.monotonic()
+                    if remaining <= 0:
+                        return None
+                    self._cond.wait(remaining)
+            finally:
+                self._waiting.remove(ticket)
+                self._grow()  # the spare: a killed worker's start-up is not waited for
+                self._cond.notify_all()
 
     def grade(self, pred: str, ground_truth: str, timeout_s: float) -> bool | None:
-        worker = self._acquire()
+        """The verdict of a worker, or None when no worker was free, or it missed the deadline, within `timeout_s`."""
+        deadline = time.monotonic() + timeout_s
+        worker = self._acquire(deadline)
+        if worker is None:
+            return None
         try:
-            return worker.grade(pred, ground_truth, timeout_s)
+            remaining = deadline - time.monotonic()
+            # Past the deadline only after the process's first start-up: the answer gets the full bound.
+            return worker.grade(pred, ground_truth, remaining if remaining > 0 else timeout_s)
         finally:
-            # A killed worker is replaced at once so its start-up overlaps other work.
-            self._idle.put(worker if worker.alive else GraderWorker())
+            with self._cond:
+                self._busy -= 1
+                if worker.alive and not self._closed:
+                    self._idle.append(worker)
+                else:
+                    self._workers -= 1
+                    self._grow()  # the replacement starts now, its start-up overlapping other work
+                self._cond.notify_all()
 
     def close(self) -> None:
-        while True:
-            try:
-                self._idle.get_nowait().close()
-            except queue.Empty:
-                return
+        with self._cond:
+            self._closed = True
+            idle, self._idle = self._idle, []
+        for worker in idle:
+            worker.close()
 
 
 _pool: GraderPool | None = None
@@ -353,13 +431,13 @@ _pool_lock = threading.Lock()
 
 
 def _num_workers_from_env() -> int:
-    raw = os.environ.get(NUM_WORKERS_ENV, "1")
+    raw = os.environ.get(NUM_WORKERS_ENV, str(DEFAULT_MAX_WORKERS))
     try:
         value = int(raw)
     except ValueError:
-        raise ValueError(f"{NUM_WORKERS_ENV}={raw!r}: must be a positive integer") from None
+        raise ValueError(f"{NUM_WORKERS_ENV}={raw!r} is invalid; valid: an integer >= 1") from None
     if value < 1:
-        raise ValueError(f"{NUM_WORKERS_ENV}={raw!r}: must be a positive integer")
+        raise ValueError(f"{NUM_WORKERS_ENV}={raw!r} is invalid; valid: an integer >= 1")
     return value
 
 
@@ -372,13 +450,13 @@ def grader_pool() -> GraderPool:
         return _pool
 
 
-def configure_grader(num_workers: int) -> None:
-    """Use `num_workers` worker processes from now on (closes the current ones)."""
+def configure_grader(max_workers: int) -> None:
+    """Allow up to `max_workers` worker processes from now on (closes the current ones)."""
     global _pool
     with _pool_lock:
         if _pool is not None and _pool.pid == os.getpid():
             _pool.close()
-        _pool = GraderPool(num_workers)
+        _pool = GraderPool(max_workers)
 
 
 @atexit.register
@@ -471,12 +549,12 @@ def grade_many(
     num_threads: int | None = None,
     show_progress: bool = False,
 ) -> list[bool]:
-    """`is_correct` over pairs, `num_threads` at a time (default: the pool's worker count)."""
+    """`is_correct` over pairs, `num_threads` at a time (default: the pool's maximum worker count)."""
     from concurrent.futures import ThreadPoolExecutor
 
     if len(responses) != len(ground_truths):
         raise ValueError(f"{len(responses)} responses but {len(ground_truths)} ground truths")
-    threads = num_threads or grader_pool().num_workers
+    threads = num_threads or grader_pool().max_workers
     with ThreadPoolExecutor(max_workers=threads) as executor:
         results = executor.map(lambda pair: is_correct(pair[0], pair[1], timeout_s), zip(responses, ground_truths))
         if show_progress:

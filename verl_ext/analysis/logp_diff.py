@@ -28,8 +28,10 @@ Without Ray everything runs in this process (the CPU default).
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 import os
+import re
 import shutil
 import sys
 import warnings
@@ -45,6 +47,19 @@ from omegaconf import DictConfig, OmegaConf
 
 from verl_ext.analysis.token_metrics import METRICS
 from verl_ext.atomic_io import atomic_write_bytes
+from verl_ext.checks import (
+    ConfigError,
+    check_choice,
+    check_file,
+    check_list,
+    check_model_source,
+    check_number,
+    check_sampling,
+    check_writable_dir,
+    exit_on_config_error,
+    invalid,
+    read_jsonl,
+)
 from verl_ext.wandb_logging import start_run, wandb_enabled
 
 GENERATION_COLUMNS = ("generator", "prompt_index", "sample_index", "response_id", "prompt_ids", "response_ids")
@@ -212,13 +227,11 @@ def read_prompt_rows(path: str | Path, key: str) -> list[Any]:
             raise ValueError(f"{path}: no column {key!r}; columns are {table.column_names} (set input.prompt_key)")
         return table.column(key).to_pylist()
     if path.suffix == ".jsonl":
-        rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-        bad = [i for i, r in enumerate(rows) if key not in r]
-        if bad:
-            raise ValueError(
-                f"{path}: line {bad[0] + 1} has no field {key!r}; fields are {sorted(rows[bad[0]])} (set input.prompt_key)"
-            )
-        return [r[key] for r in rows]
+        try:
+            rows = read_jsonl(path, "input.prompts", required=(key,))
+        except ConfigError as err:
+            raise ConfigError(f"{err} (set input.prompt_key)" if "field" in str(err) else str(err)) from None
+        return [r[key] for _, r in rows]
     raise ValueError(f"{path}: prompts must be a .parquet or .jsonl file, got suffix {path.suffix!r}")
 
 
@@ -774,11 +787,77 @@ def maybe_log_wandb(cfg: DictConfig, df, summary: dict, files: dict[str, Path], 
     return True
 
 
+DEVICE = re.compile(r"auto|cpu|cuda(:\d+)?")
+DTYPES = ("auto", "float32", "bfloat16", "float16")
+
+
+def _positive_int(value, key, allow_none=False):
+    return check_number(value, key, low=1, integer=True, allow_none=allow_none)
+
+
+def validate(cfg: DictConfig) -> None:
+    """Every setting checked before any model is loaded or anything written: a ConfigError naming the key,
+    the value and the valid choices. The prompts file is read here (not the models): an empty file, a
+    malformed JSONL line or a row without `input.prompt_key` is refused with its line."""
+    from verl_ext.generation import BACKENDS
+
+    check_choice(cfg.input.source, "input.source", SOURCES)
+    wandb_enabled(cfg.wandb.enable)  # a bad setting fails now, not after the scoring
+    if not DEVICE.fullmatch(str(cfg.device)):
+        raise invalid("device", cfg.device, "auto, cpu, cuda, cuda:N")
+    check_choice(cfg.dtype, "dtype", DTYPES)
+    check_writable_dir(cfg.output_dir, "output_dir")
+    check_sampling(cfg.sampling, "sampling", keys=("n", "temperature", "top_p", "top_k", "max_new_tokens",
+                                                   "batch_size", "seed"))
+    check_choice(cfg.sampling.backend, "sampling.backend", BACKENDS)
+    generators = cfg.sampling.generators
+    if not generators or any(g not in ("base", "rl") for g in generators):
+        raise invalid("sampling.generators", list(generators or []), "a non-empty list of base, rl")
+    for key in ("chunk_size", "batch_size", "max_batch_tokens"):
+        _positive_int(cfg.scoring[key], f"scoring.{key}")
+    _positive_int(cfg.scoring.block_rows, "scoring.block_rows", allow_none=True)
+    _positive_int(cfg.sharding.prompts_per_shard, "sharding.prompts_per_shard")
+    _positive_int(cfg.sharding.responses_per_shard, "sharding.responses_per_shard")
+    check_choice(cfg.workers.use_ray, "workers.use_ray", ("auto", True, False))
+    _positive_int(cfg.workers.num_workers, "workers.num_workers", allow_none=True)
+    check_number(cfg.workers.num_cpus_per_worker, "workers.num_cpus_per_worker", low=0, low_open=True)
+    r = cfg.report
+    _positive_int(r.histogram_bins, "report.histogram_bins")
+    check_list(r.tail_thresholds, "report.tail_thresholds", lambda v, k: check_number(v, k, low=0))
+    edges = check_list(r.delta_bin_edges, "report.delta_bin_edges", lambda v, k: check_number(v, k))
+    if len(edges) < 2 or any(b <= a for a, b in itertools.pairwise(edges)):
+        raise invalid("report.delta_bin_edges", edges, "at least 2 strictly increasing numbers")
+    _positive_int(r.top_k, "report.top_k")
+    _positive_int(r.min_token_count, "report.min_token_count")
+    check_number(cfg.tiny_rl_perturbation.scale, "tiny_rl_perturbation.scale", low=0)
+    for key in ("base_model", "rl_model", "tokenizer"):
+        if cfg[key] is not None:
+            check_model_source(cfg[key], key)
+    if cfg.base_model is not None and cfg.rl_model is None:
+        raise ConfigError(
+            "rl_model is not set: give the RLVR model's path (rl_model=null only works with the tiny default base_model=null)"
+        )
+    _positive_int(cfg.input.max_prompts, "input.max_prompts", allow_none=True)
+    _positive_int(cfg.input.get("max_responses"), "input.max_responses", allow_none=True)
+    if cfg.input.source == "sample":
+        if cfg.input.prompts is not None:
+            check_file(cfg.input.prompts, "input.prompts", suffixes=(".parquet", ".jsonl"))
+            if not read_prompt_rows(cfg.input.prompts, cfg.input.prompt_key):
+                raise ConfigError(f"input.prompts={str(cfg.input.prompts)!r}: the file has no rows")
+        elif cfg.base_model is not None:
+            raise ConfigError("input.prompts is not set: give a parquet (verl RL format) or jsonl file of prompts")
+    else:
+        if not cfg.input.files:
+            raise ConfigError("input.source=files but input.files is empty: give [{path: ..., generator: base|rl}, ...]")
+        for i, item in enumerate(cfg.input.files):
+            path = item.get("path") if hasattr(item, "get") else None
+            if not path or not Path(str(path)).exists():
+                raise ConfigError(f"input.files[{i}].path={path!r}: no such file or folder")
+
+
 def run(cfg: DictConfig) -> dict[str, Path]:
     """The whole analysis (see the module docstring); returns the report files."""
-    if cfg.input.source not in SOURCES:
-        raise ValueError(f"input.source={cfg.input.source!r} is invalid; valid choices: {', '.join(SOURCES)}")
-    wandb_enabled(cfg.wandb.enable)  # a bad setting fails now, not after the scoring
+    validate(cfg)
     out = Path(cfg.output_dir).resolve()
     check_manifest(out, config_fingerprint(cfg), cfg.overwrite)
     base, rl, tok_path, tiny = resolve_models(cfg, out)
@@ -814,7 +893,8 @@ def run(cfg: DictConfig) -> dict[str, Path]:
 
 @hydra.main(config_path=None, config_name=None, version_base=None)
 def main(cfg: DictConfig) -> None:
-    run(cfg)
+    with exit_on_config_error("analyze_logp_diff", (ConfigError, ValueError, FileNotFoundError)):
+        run(cfg)
 
 
 if __name__ == "__main__":

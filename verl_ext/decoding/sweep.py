@@ -36,13 +36,24 @@ import hydra
 from omegaconf import DictConfig, OmegaConf
 
 from verl_ext.atomic_io import atomic_write_bytes
+from verl_ext.checks import (
+    ConfigError,
+    check_choice,
+    check_file,
+    check_list,
+    check_model_source,
+    check_number,
+    check_writable_dir,
+    exit_on_config_error,
+    invalid,
+)
 from verl_ext.decoding.criteria import ABOVE, BELOW, get_criterion
 from verl_ext.wandb_logging import start_run, wandb_enabled
 
 BASELINES = (("none", 0.0), ("all", 0.0))  # π_B alone (ratio 0) and π_RL / π_Extra alone (ratio 1)
 
 
-class SweepError(ValueError):
+class SweepError(ConfigError):
     pass
 
 
@@ -61,17 +72,23 @@ class RunSpec:
         return f"{self.criterion}_tau{self.threshold:+.4g}_gamma{self.gamma:.4g}_seed{self.seed}"
 
 
-def threshold_table(cfg: DictConfig) -> dict[str, list[float]]:
+def threshold_table(cfg: DictConfig, checked: bool = False) -> dict[str, list[float]]:
     """criterion -> τ values: `sweep.thresholds` when set (it replaces the defaults as a whole), else
     `sweep.default_thresholds`. (A Hydra dict override merges into a non-null dict, so the table a user
-    gives on the command line goes into the null `thresholds` and the defaults live apart.)"""
+    gives on the command line goes into the null `thresholds` and the defaults live apart.)
+    `checked`: each list non-empty and each τ valid for its criterion (`_check_threshold`)."""
+    key = "sweep.thresholds"
     table = cfg.sweep.get("thresholds")
     if table is None:
-        table = cfg.sweep.get("default_thresholds")
+        key, table = "sweep.default_thresholds", cfg.sweep.get("default_thresholds")
     out = {}
     for name, taus in (table or {}).items():
         taus = OmegaConf.to_object(taus) if OmegaConf.is_config(taus) else taus
-        out[str(name)] = [float(t) for t in (taus if isinstance(taus, (list, tuple)) else [taus])]
+        taus = taus if isinstance(taus, (list, tuple)) else [taus]
+        if checked:
+            get_criterion(str(name))
+            taus = check_list(taus, f"{key}.{name}", _check_threshold(str(name), f"{key}.{name}"))
+        out[str(name)] = [float(t) for t in taus]
     return out
 
 
@@ -459,22 +476,85 @@ def log_to_wandb(cfg: DictConfig, summary: list[dict], plot: Path) -> bool:
 # ----------------------------------------------------------------------------- entry point
 
 
+def _check_threshold(name: str, key: str):
+    """τ of criterion `name`: finite; `random` in [0, 1] (u ~ U[0, 1)); entropies and KLs >= 0 (never negative)."""
+    fires_when = get_criterion(name).fires_when
+
+    def check(tau, item_key: str):
+        if name == "random":
+            return check_number(tau, item_key, low=0, high=1)
+        if fires_when == ABOVE:
+            return check_number(tau, item_key, low=0)
+        return check_number(tau, item_key)
+
+    return check
+
+
+def _check_model_paths(cfg: DictConfig) -> None:
+    m = cfg.models
+    for key in ("base", "rl", "tokenizer"):
+        if m.get(key) is not None:
+            check_model_source(m[key], f"models.{key}")
+    if m.base is not None and m.rl is None:
+        raise SweepError("models.rl is not set: give the RLVR model's path (models.base is the base model)")
+    check_number(m.tiny_rl_noise, "models.tiny_rl_noise", low=0)
+
+
 def validate(cfg: DictConfig) -> None:
+    """Every setting checked before any model is loaded: ConfigError (SweepError) naming the key, the value
+    and the valid choices. The data files are read (not the models): a row without a ground truth is refused."""
+    from verl_ext.decoding.engine import DRAFT_MODELS
+    from verl_ext.decoding.sampler import ACTIONS, COUPLINGS, PROPOSERS
+
     d = cfg.decoding
-    if d.action not in ("replace", "extrapolate"):
-        raise SweepError(f"decoding.action={d.action!r}; valid: replace, extrapolate")
-    if cfg.n_samples < 1:
-        raise SweepError("n_samples must be >= 1")
+    check_choice(d.action, "decoding.action", ACTIONS)
+    check_choice(d.propose_from, "decoding.propose_from", PROPOSERS)
+    check_choice(d.coupling, "decoding.coupling", COUPLINGS)
+    check_choice(d.get("draft_model", "proposer"), "decoding.draft_model", DRAFT_MODELS)
+    check_choice(d.speculative, "decoding.speculative", (True, False))
+    check_number(d.temperature, "decoding.temperature", low=0, low_open=True)
+    check_number(d.top_p, "decoding.top_p", low=0, high=1, low_open=True)
+    check_number(d.max_new_tokens, "decoding.max_new_tokens", low=1, integer=True)
+    check_number(d.base_top_k_approximation, "decoding.base_top_k_approximation", low=0, integer=True)
+    check_number(d.max_batch_size, "decoding.max_batch_size", low=1, integer=True)
+    if d.draft_len != "auto":
+        try:
+            check_number(d.draft_len, "decoding.draft_len", low=1, integer=True)
+        except ConfigError:
+            raise invalid("decoding.draft_len", d.draft_len, "an integer >= 1, or auto") from None
+    if "max_draft_len" in d:
+        check_number(d.max_draft_len, "decoding.max_draft_len", low=1, integer=True)
+    check_number(cfg.n_samples, "n_samples", low=1, integer=True)
+    check_list(cfg.seeds, "seeds", lambda v, k: check_number(v, k, integer=True))
+    check_list(cfg.pass_ks, "pass_ks", lambda v, k: check_number(v, k, low=1, high=cfg.n_samples, integer=True),
+               nonempty=False)
+    check_number(cfg.shard_problems, "shard_problems", low=1, integer=True)
+    check_number(cfg.grading.timeout_s, "grading.timeout_s", low=0, low_open=True)
+    if d.action == "extrapolate":
+        check_list(cfg.sweep.gammas, "sweep.gammas", lambda v, k: check_number(v, k, low=0))
     wandb_enabled(cfg.wandb.enable)  # a bad value raises here, before any model is loaded
-    thresholds = threshold_table(cfg)
+    thresholds = threshold_table(cfg, checked=True)
+    check_list(cfg.sweep.target_ratios or [], "sweep.target_ratios",
+               lambda v, k: check_number(v, k, low=0, high=1, low_open=True, high_open=True), nonempty=False)
     if not thresholds and not cfg.sweep.target_ratios:
         raise SweepError("nothing to sweep: set sweep.thresholds or sweep.target_ratios")
-    for name in list(thresholds) + list(cfg.sweep.calibrate_criteria or []) + list(cfg.sweep.criteria or []):
+    for name in list(cfg.sweep.calibrate_criteria or []) + list(cfg.sweep.criteria or []):
         get_criterion(name)
+    if cfg.sweep.target_ratios:
+        check_list(cfg.sweep.calibrate_criteria, "sweep.calibrate_criteria")
+        for key in ("problems", "samples", "max_new_tokens", "rounds"):
+            check_number(cfg.sweep.calibration[key], f"sweep.calibration.{key}", low=1, integer=True)
     missing = [c for c in cfg.sweep.criteria or [] if c not in thresholds
                and not (cfg.sweep.target_ratios and c in cfg.sweep.calibrate_criteria)]
     if missing:
         raise SweepError(f"sweep.criteria {missing} have no thresholds: add them to 'sweep.thresholds={{<name>:[...]}}' or calibrate them")
+    check_number(cfg.ray.num_workers, "ray.num_workers", low=1, integer=True, allow_none=True)
+    check_writable_dir(cfg.output_dir, "output_dir")
+    _check_model_paths(cfg)
+    check_list(cfg.data.files or [], "data.files", lambda f, k: check_file(f, k, suffixes=(".parquet", ".jsonl", ".json")),
+               nonempty=False)
+    check_number(cfg.data.max_problems, "data.max_problems", low=1, integer=True, allow_none=True)
+    count_problems(cfg)  # reads the data files: empty files and rows without a ground truth are refused here
 
 
 # Decoding settings that change speed only: the tokens are the same for any value (tested).
@@ -565,7 +645,8 @@ def count_problems(cfg: DictConfig) -> int:
 
 @hydra.main(version_base=None, config_path=None, config_name=None)
 def main(cfg: DictConfig) -> None:
-    run(cfg)
+    with exit_on_config_error(sweep_kind(cfg) if cfg.get("decoding") else "sweep", (ConfigError, ValueError, FileNotFoundError)):
+        run(cfg)
 
 
 if __name__ == "__main__":

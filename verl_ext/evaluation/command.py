@@ -18,6 +18,18 @@ from pathlib import Path
 import hydra
 from omegaconf import DictConfig, OmegaConf
 
+from verl_ext.checks import (
+    ConfigError,
+    check_choice,
+    check_file,
+    check_list,
+    check_model_source,
+    check_number,
+    check_sampling,
+    check_writable_dir,
+    exit_on_config_error,
+    read_jsonl,
+)
 from verl_ext.evaluation.report import (
     aggregate,
     grade_records,
@@ -34,7 +46,7 @@ MODES = ("auto", "grade", "generate")
 REQUIRED_COLUMNS = ("prompt_id", "response", "ground_truth", "data_source")
 
 
-class EvaluationError(ValueError):
+class EvaluationError(ConfigError):
     pass
 
 
@@ -58,13 +70,32 @@ def _read_table(path: Path) -> list[dict]:
     return read_records(path)
 
 
+def _empty(value) -> bool:
+    if value is None:
+        return True
+    if isinstance(value, str):
+        return not value.strip()
+    if isinstance(value, (list, tuple)) or hasattr(value, "tolist"):
+        return len(value) == 0 or all(_empty(v) for v in value)
+    return False
+
+
 def read_generations(path: str | Path, columns: dict) -> list[dict]:
     """Records with the canonical keys (`REQUIRED_COLUMNS`, optional `response_length`,
-    `accepted_answers`) from a file whose column names are given by `columns`."""
+    `accepted_answers`) from a file whose column names are given by `columns`.
+
+    A row without a ground truth, a prompt id or a data source is refused, named by its line
+    (JSONL, counted from 1) or row (parquet / JSON, counted from 1); a response may be empty."""
     path = Path(path)
-    rows = _read_table(path)
+    if path.suffix == ".jsonl":
+        numbered = read_jsonl(path, "generations")
+        where = [f"line {lineno}" for lineno, _ in numbered]
+        rows = [row for _, row in numbered]
+    else:
+        rows = _read_table(path)
+        where = [f"row {i + 1}" for i in range(len(rows))]
     if not rows:
-        raise EvaluationError(f"{path}: no generations")
+        raise EvaluationError(f"generations={str(path)!r}: the file has no rows")
     missing = [f"{key} (column {columns[key]!r})" for key in REQUIRED_COLUMNS if columns[key] not in rows[0]]
     if missing:
         raise EvaluationError(
@@ -75,8 +106,8 @@ def read_generations(path: str | Path, columns: dict) -> list[dict]:
     for i, row in enumerate(rows):
         record = {key: row.get(columns[key]) for key in (*REQUIRED_COLUMNS, "response_length", "accepted_answers")}
         for key in REQUIRED_COLUMNS:
-            if record[key] is None:
-                raise EvaluationError(f"{path} row {i}: {key} (column {columns[key]!r}) is empty")
+            if record[key] is None or (key != "response" and _empty(record[key])):
+                raise EvaluationError(f"generations={str(path)!r}: {where[i]}: {key} (column {columns[key]!r}) is empty")
         records.append(record)
     return records
 
@@ -95,8 +126,16 @@ def load_problems(files: list[str], max_problems: int | None) -> list[dict]:
         missing = [c for c in needed if rows and c not in rows[0]]
         if missing:
             raise EvaluationError(f"{path}: not a verl RL parquet, missing columns {missing}; it has {sorted(rows[0])}")
+        if not rows:
+            raise EvaluationError(f"data.files: {path} has no rows")
         for i, row in enumerate(rows[:max_problems] if max_problems else rows):
             extra = row.get("extra_info") or {}
+            truth = (row.get("reward_model") or {}).get("ground_truth")
+            if _empty(truth):
+                raise EvaluationError(
+                    f"data.files: {path} row {i + 1} (counted from 1): reward_model.ground_truth is empty; "
+                    "every problem needs an answer to grade against (bash scripts/prepare_data.sh skips such rows)"
+                )
             problems.append({
                 "messages": [dict(m) for m in row["prompt"]],
                 "data_source": row["data_source"],
@@ -116,19 +155,70 @@ def check_ks(cfg: DictConfig, n: int) -> None:
             )
 
 
+def apply_tiny_defaults(cfg: DictConfig) -> None:
+    """`tiny=true` (what `scripts/evaluate.sh` runs with no argument): the tiny CPU model and its
+    arithmetic validation set (`verl_ext.tiny_assets`, built from code in seconds) where unset."""
+    if not cfg.tiny or cfg.generations:
+        return
+    from verl_ext.tiny_assets import ensure_tiny_assets
+
+    assets = ensure_tiny_assets()
+    if not cfg.model.path:
+        cfg.model.path = str(assets.model_dir)
+        cfg.model.tokenizer = cfg.model.tokenizer or str(assets.tokenizer_dir)
+    cfg.data.files = [str(assets.val_parquet)]
+
+
+DATA_SUFFIXES = (".parquet", ".jsonl", ".json")
+
+
+def validate(cfg: DictConfig) -> str:
+    """Every setting checked before anything is loaded (one-line ConfigError naming key, value, valid
+    choices); returns the mode."""
+    from verl_ext.generation import BACKENDS
+
+    mode = resolve_mode(cfg)
+    wandb_enabled(cfg.wandb.enable)  # a bad setting fails now, not after generating and grading
+    check_number(cfg.grader.timeout_s, "grader.timeout_s", low=0, low_open=True)
+    check_number(cfg.grader.num_workers, "grader.num_workers", low=1, integer=True)
+    check_writable_dir(cfg.output_dir, "output_dir")
+    check_list(cfg.metrics.pass_ks or [], "metrics.pass_ks", lambda k, key: check_number(k, key, low=1, integer=True),
+               nonempty=False)
+    check_number(cfg.metrics.avg_k, "metrics.avg_k", low=1, integer=True, allow_none=True)
+    if mode == "grade":
+        check_file(cfg.generations, "generations", suffixes=DATA_SUFFIXES)
+        return mode
+    check_sampling(cfg.sampling, "sampling", keys=("n", "temperature", "top_p", "top_k", "max_new_tokens",
+                                                   "batch_size", "seed"))
+    check_ks(cfg, cfg.sampling.n)
+    check_choice(cfg.model.backend, "model.backend", BACKENDS)
+    check_model_source(cfg.model.path, "model.path")
+    if cfg.model.tokenizer:
+        check_model_source(cfg.model.tokenizer, "model.tokenizer")
+    try:
+        check_list(cfg.data.files, "data.files", lambda f, key: check_file(f, key, suffixes=DATA_SUFFIXES))
+    except ConfigError as err:
+        raise ConfigError(f"{err} (bash scripts/prepare_data.sh writes the AIME and AMC files)") from None
+    check_number(cfg.data.max_problems, "data.max_problems", low=1, integer=True, allow_none=True)
+    return mode
+
+
 def generate_records(cfg: DictConfig) -> list[dict]:
     """Sample `sampling.n` responses per problem of `data.files` with `model.path`: generation records."""
     from transformers import AutoTokenizer
 
     from verl_ext.generation import encode_messages, load_hf_model, resolve_backend, sample_responses
+    from verl_ext.progress import size_line
 
     if not cfg.model.path:
         raise EvaluationError("model.path is not set (or pass generations=<file> to grade existing generations)")
     check_ks(cfg, cfg.sampling.n)
     problems = load_problems(list(cfg.data.files), cfg.data.max_problems)
+    backend = resolve_backend(cfg.model.backend)
+    print(f"[evaluate] size: {size_line(len(problems), cfg.sampling.n, cfg.sampling.max_new_tokens)} "
+          f"(backend {backend}); the time left is printed after the first batch", flush=True)
     tokenizer = AutoTokenizer.from_pretrained(cfg.model.tokenizer or cfg.model.path)
     prompts = [encode_messages(tokenizer, p["messages"], cfg.model.use_chat_template) for p in problems]
-    backend = resolve_backend(cfg.model.backend)
     model = load_hf_model(cfg.model.path, cfg.model.device, cfg.model.dtype) if backend == "hf" else cfg.model.path
     s = cfg.sampling
     generations = sample_responses(
@@ -155,8 +245,8 @@ def run(cfg: DictConfig) -> dict:
     """Generate (mode generate) or read (mode grade) generations, grade, aggregate, write; returns the table."""
     from verl_ext.reward import configure_grader
 
-    mode = resolve_mode(cfg)
-    wandb_enabled(cfg.wandb.enable)  # a bad setting fails now, not after generating and grading
+    apply_tiny_defaults(cfg)
+    mode = validate(cfg)
     output_dir = Path(cfg.output_dir)
     if mode == "generate":
         records = generate_records(cfg)
@@ -181,7 +271,5 @@ def run(cfg: DictConfig) -> dict:
 
 @hydra.main(version_base=None, config_path=str(REPO / "configs"), config_name="evaluate")
 def main(cfg: DictConfig) -> None:
-    try:
+    with exit_on_config_error("evaluate", (ConfigError, FileNotFoundError, ValueError)):
         run(cfg)
-    except (EvaluationError, FileNotFoundError, ValueError) as err:
-        raise SystemExit(f"[evaluate] error: {err}") from None

@@ -13,19 +13,23 @@ for Pass@k: do not use it for that.
 
 from __future__ import annotations
 
+import numbers
 from collections.abc import Sequence
 
 
-def _check(n: int, c: int, k: int) -> None:
+def _check(n: int, c: int, k: int) -> tuple[int, int, int]:
+    """(n, c, k) as Python ints; any integer type is accepted (numpy's from pandas counts), bools and floats are not."""
     for name, value in (("n", n), ("c", c), ("k", k)):
-        if not isinstance(value, int) or isinstance(value, bool):
-            raise TypeError(f"{name}={value!r} must be an int")
+        if not isinstance(value, numbers.Integral) or isinstance(value, bool):
+            raise TypeError(f"{name}={value!r} must be an integer")
+    n, c, k = int(n), int(c), int(k)
     if n < 1:
         raise ValueError(f"n={n}: need at least one sample")
     if not 0 <= c <= n:
         raise ValueError(f"c={c}: number correct must lie in [0, n={n}]")
     if not 1 <= k <= n:
         raise ValueError(f"k={k}: must lie in [1, n={n}] (cannot estimate @{k} from {n} samples)")
+    return n, c, k
 
 
 def pass_at_k(n: int, c: int, k: int) -> float:
@@ -34,7 +38,7 @@ def pass_at_k(n: int, c: int, k: int) -> float:
     The product form avoids huge binomials: C(n−c, k)/C(n, k) = ∏_{i=n−c+1}^{n} (i−k)/i.
     When n − c < k every k-subset holds a correct response and Pass@k = 1.
     """
-    _check(n, c, k)
+    n, c, k = _check(n, c, k)
     if n - c < k:
         return 1.0
     prob_all_wrong = 1.0
@@ -45,7 +49,7 @@ def pass_at_k(n: int, c: int, k: int) -> float:
 
 def avg_at_k(n: int, c: int, k: int) -> float:
     """Avg@k = c / n: expected accuracy of k responses drawn without replacement from the n."""
-    _check(n, c, k)
+    n, c, k = _check(n, c, k)
     return c / n
 
 
