@@ -14,17 +14,19 @@ naming the bad value or file.
 from __future__ import annotations
 
 import os
-import re
 import sys
 from pathlib import Path
 
 import hydra
 from omegaconf import DictConfig, OmegaConf, open_dict
 
+from verl_ext.checks import ConfigError, exit_on_config_error
+
+PROG = "dapo_reweight"
+# refused before Ray starts: ours, and the ValueErrors of verl's own config validation
+CONFIG_ERRORS = (ConfigError, ValueError, FileNotFoundError)
 REPO = Path(__file__).resolve().parents[2]
 PRESET_DIR = REPO / "configs" / "preset"
-_REMOTE_PREFIXES = ("hdfs://", "s3://", "gs://", "http://", "https://")
-_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
 
 def available_presets() -> list[str]:
@@ -38,37 +40,13 @@ def default_reward_path() -> str:
     return str(Path(verl_ext.__file__).resolve().parent / "reward.py")
 
 
-def check_model_path(path: str, key: str) -> None:
-    """A local model directory must exist; a hub id (`org/name`) is left to transformers."""
-    if path is None:
-        raise ValueError(f"{key} is not set: give a local model directory or a hub id such as Qwen/Qwen2.5-Math-7B")
-    if os.path.isdir(path) or path.startswith(_REMOTE_PREFIXES):
-        return
-    if os.path.isabs(path) or path.startswith(".") or not _HUB_ID.match(path):
-        raise FileNotFoundError(f"{key}={path!r}: no such model directory")
-
-
-def check_data_files(files, key: str) -> None:
-    """Every local parquet file must exist, and every row must carry a ground truth."""
-    import pyarrow.parquet as pq
-
-    for f in [files] if isinstance(files, str) else list(files):
-        if f.startswith(_REMOTE_PREFIXES):
-            continue
-        if not os.path.isfile(f):
-            raise FileNotFoundError(f"{key}: data file {f!r} does not exist")
-        table = pq.read_table(f, columns=["reward_model"])
-        for i, row in enumerate(table.column("reward_model").to_pylist()):
-            if not row or row.get("ground_truth") in (None, ""):
-                raise ValueError(f"{key}: {f} row {i} has no reward_model.ground_truth")
-
-
 def prepare_config(config: DictConfig) -> DictConfig:
     """Fill derived values and validate the composed config (raises before Ray starts)."""
     from verl.trainer.ppo.utils import need_critic, need_reference_policy
     from verl.utils.config import validate_config
 
     from verl_ext.policy_loss import LOSS_MODE, TRAINER_MODE, weighting_spec_from
+    from verl_ext.training_checks import check_training_config
     from verl_ext.weighting import WEIGHTING_SCHEMES
 
     with open_dict(config):
@@ -89,11 +67,7 @@ def prepare_config(config: DictConfig) -> DictConfig:
                 f"weighting=ppl needs the group-aware trainer: set trainer.use_v1=true and "
                 f"trainer.v1.trainer_mode={TRAINER_MODE} (got use_v1={config.trainer.use_v1}, mode={trainer_mode})"
             )
-    poll_s = config.get("replay_buffer_poll_s")
-    if poll_s is not None and (isinstance(poll_s, bool) or not isinstance(poll_s, (int, float)) or poll_s <= 0):
-        raise ValueError(
-            f"replay_buffer_poll_s={poll_s!r} is invalid; valid: a number of seconds > 0, or null (verl's 2 s)"
-        )
+    check_training_config(config)
     from verl_ext.vllm_cpu import rollout_problems
 
     problems = rollout_problems(config.actor_rollout_ref.rollout, config.actor_rollout_ref.model.path)
@@ -104,33 +78,39 @@ def prepare_config(config: DictConfig) -> DictConfig:
     return config
 
 
-def check_inputs(config: DictConfig) -> None:
-    check_model_path(config.actor_rollout_ref.model.path, "actor_rollout_ref.model.path")
-    check_data_files(config.data.train_files, "data.train_files")
-    check_data_files(config.data.val_files, "data.val_files")
+def check_inputs(config: DictConfig) -> list[str]:
+    """Model, checkpoint directory and data files (ConfigError); returns warnings (prompts verl will drop)."""
+    from verl_ext.training_checks import check_training_inputs
+
+    return check_training_inputs(config)
 
 
 def run(config: DictConfig) -> None:
-    from verl.trainer.main_ppo import TaskRunnerV1, run_ppo
+    from verl_ext.training_checks import check_training_config
+
+    dry_run = bool(config.get("dry_run", False))
+    with exit_on_config_error(PROG, CONFIG_ERRORS):
+        check_training_config(config)  # first, before verl is imported (~10 s): bad values fail in a second
+    try:
+        warnings = check_inputs(config)
+    except CONFIG_ERRORS as err:
+        if not dry_run:
+            with exit_on_config_error(PROG, CONFIG_ERRORS):
+                raise
+        warnings = [f"a real run would stop here: {err}"]
+    for warning in warnings:
+        print(f"[{PROG}] warning: {warning}", file=sys.stderr)
     from verl.utils.device import auto_set_device
 
     auto_set_device(config)
-    try:
+    with exit_on_config_error(PROG, CONFIG_ERRORS):
         prepare_config(config)
-    except (ValueError, FileNotFoundError) as err:
-        raise SystemExit(f"[dapo_reweight] config error: {err}") from None
-    if config.get("dry_run", False):
-        try:
-            check_inputs(config)
-        except (FileNotFoundError, ValueError) as err:
-            print(f"[dapo_reweight] warning: a real run would stop here: {err}")
+    if dry_run:
         print(OmegaConf.to_yaml(config, resolve=True))
-        print("[dapo_reweight] dry run: config composed and validated; Ray not started.")
+        print(f"[{PROG}] dry run: config composed and validated; Ray not started.")
         return
-    try:
-        check_inputs(config)
-    except (ValueError, FileNotFoundError) as err:
-        raise SystemExit(f"[dapo_reweight] input error: {err}") from None
+    from verl.trainer.main_ppo import TaskRunnerV1, run_ppo
+
     if config.trainer.use_v1:
         run_ppo(config, task_runner_class=TaskRunnerV1)
     else:
@@ -164,11 +144,24 @@ def main(config: DictConfig) -> None:
     run(config)
 
 
+def verl_config_dir() -> Path:
+    """verl's own config folder, found without importing verl.
+
+    hydra's `pkg://verl.trainer.config` imports verl (~10 s, all of torch and Ray) just to compose the
+    config; a `file://` path to the same folder lets a bad setting fail in a second."""
+    import importlib.util
+
+    spec = importlib.util.find_spec("verl")
+    if spec is None or not spec.submodule_search_locations:
+        raise SystemExit(f"[{PROG}] error: verl is not installed; run `bash scripts/install.sh`")
+    return Path(next(iter(spec.submodule_search_locations))) / "trainer" / "config"
+
+
 def _add_preset_searchpath(argv: list[str]) -> list[str]:
     """Let `+preset=NAME` find configs/preset/NAME.yaml without the user naming the folder."""
     if any(a.startswith("hydra.searchpath") for a in argv):
         return argv
-    return argv + [f"hydra.searchpath=[pkg://verl.trainer.config,file://{REPO / 'configs'}]"]
+    return argv + [f"hydra.searchpath=[file://{verl_config_dir()},file://{REPO / 'configs'}]"]
 
 
 if __name__ == "__main__":
