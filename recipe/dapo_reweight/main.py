@@ -15,12 +15,14 @@ from __future__ import annotations
 
 import os
 import sys
+import time
 from pathlib import Path
 
 import hydra
 from omegaconf import DictConfig, OmegaConf, open_dict
 
-from verl_ext.checks import ConfigError, exit_on_config_error
+from verl_ext.checks import REMOTE_PREFIXES, ConfigError, exit_on_config_error
+from verl_ext.run_dir import Decision, plan_launch, start_launch
 
 PROG = "dapo_reweight"
 # refused before Ray starts: ours, and the ValueErrors of verl's own config validation
@@ -105,10 +107,29 @@ def run(config: DictConfig) -> None:
     auto_set_device(config)
     with exit_on_config_error(PROG, CONFIG_ERRORS):
         prepare_config(config)
+    with exit_on_config_error(PROG, CONFIG_ERRORS):
+        run_dir = absolute_run_dir(config)
+        recorded, current, decision = plan_launch(config, REPO)
     if dry_run:
         print(OmegaConf.to_yaml(config, resolve=True))
+        print(f"[{PROG}] run directory {run_dir}: {decision.message}")
         print(f"[{PROG}] dry run: config composed and validated; Ray not started.")
         return
+    if decision.action == "refuse":
+        print(f"[{PROG}] error: {decision.message}", file=sys.stderr)
+        raise SystemExit(2)
+    if decision.action == "nothing_to_train":
+        print(f"[{PROG}] {decision.message}")
+        return
+    launch = {"time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "action": decision.action,
+              "changed": list(decision.changed)}
+    record, moved = start_launch(run_dir, recorded, current, decision, experiment=config.trainer.experiment_name,
+                                 launch=launch)
+    print(f"[{PROG}] run directory: {run_dir}")
+    print(f"[{PROG}] {decision.message}" + (f" (to {moved})" if moved else ""))
+    for change in decision.changed:
+        print(f"[{PROG}]   {change}")
+    apply_launch(config, decision, record)
     from verl.trainer.main_ppo import TaskRunnerV1, run_ppo
 
     if config.trainer.use_v1:
@@ -118,6 +139,30 @@ def run(config: DictConfig) -> None:
 
         run_ppo(config, task_runner_class=TaskRunner)
     print(run_summary(config))
+
+
+def absolute_run_dir(config: DictConfig) -> str:
+    """trainer.default_local_dir made absolute (against the launch's cwd), written back into the config,
+    so that checkpoints, run.json and logs land in one folder whatever the cwd of verl's workers."""
+    run_dir = str(config.trainer.default_local_dir)
+    if not run_dir.startswith(REMOTE_PREFIXES):
+        run_dir = os.path.abspath(os.path.expanduser(run_dir))
+        with open_dict(config):
+            config.trainer.default_local_dir = run_dir
+    return run_dir
+
+
+def apply_launch(config: DictConfig, decision: Decision, record: dict) -> None:
+    """What the resume decision changes in verl's config: wandb continues the run's recorded id
+    (WANDB_RUN_ID, WANDB_RESUME=allow, in this process and every Ray worker), and a resumed run does
+    not validate again before training (the checkpointed step's validation metrics stand)."""
+    env = {"WANDB_RUN_ID": record["wandb_run_id"], "WANDB_RESUME": "allow"}
+    os.environ.update(env)
+    with open_dict(config):
+        ray_env = config.ray_kwargs.ray_init.setdefault("runtime_env", {}).setdefault("env_vars", {})
+        ray_env.update(env)
+        if decision.action == "resume":
+            config.trainer.val_before_train = False
 
 
 def run_summary(config: DictConfig) -> str:
