@@ -16,15 +16,19 @@ from __future__ import annotations
 import os
 import sys
 import time
+import traceback
 from pathlib import Path
 
 import hydra
 from omegaconf import DictConfig, OmegaConf, open_dict
 
+from verl_ext import run_log
 from verl_ext.checks import REMOTE_PREFIXES, ConfigError, exit_on_config_error
 from verl_ext.run_dir import Decision, plan_launch, start_launch
 
 PROG = "dapo_reweight"
+# harmless warnings verl repeats on every import (optional engines absent; GRPO has no critic)
+HARMLESS_WARNINGS = (r".* engine is not available", r"Disabled critic as algorithm.adv_estimator")
 # refused before Ray starts: ours, and the ValueErrors of verl's own config validation
 CONFIG_ERRORS = (ConfigError, ValueError, FileNotFoundError)
 REPO = Path(__file__).resolve().parents[2]
@@ -87,6 +91,13 @@ def check_inputs(config: DictConfig) -> list[str]:
     return check_training_inputs(config)
 
 
+def silence_harmless_warnings() -> None:
+    import warnings
+
+    for message in HARMLESS_WARNINGS:
+        warnings.filterwarnings("ignore", message=message)
+
+
 def run(config: DictConfig) -> None:
     from verl_ext.training_checks import check_training_config
 
@@ -100,8 +111,10 @@ def run(config: DictConfig) -> None:
             with exit_on_config_error(PROG, CONFIG_ERRORS):
                 raise
         warnings = [f"a real run would stop here: {err}"]
-    for warning in warnings:
-        print(f"[{PROG}] warning: {warning}", file=sys.stderr)
+    silence_harmless_warnings()
+    if dry_run:
+        for warning in warnings:
+            print(f"[{PROG}] warning: {warning}", file=sys.stderr)
     from verl.utils.device import auto_set_device
 
     auto_set_device(config)
@@ -125,11 +138,35 @@ def run(config: DictConfig) -> None:
               "changed": list(decision.changed)}
     record, moved = start_launch(run_dir, recorded, current, decision, experiment=config.trainer.experiment_name,
                                  launch=launch)
-    print(f"[{PROG}] run directory: {run_dir}")
-    print(f"[{PROG}] {decision.message}" + (f" (to {moved})" if moved else ""))
-    for change in decision.changed:
-        print(f"[{PROG}]   {change}")
-    apply_launch(config, decision, record)
+    log = run_log.start(os.environ.get("LOG_DIR") or os.path.join(run_dir, "logs"), config.trainer.get("total_training_steps"))
+    try:
+        print(f"[{PROG}] run directory: {run_dir}")
+        print(f"[{PROG}] log: {log.path}")
+        print(f"[{PROG}] {decision.message}" + (f" (to {moved})" if moved else ""))
+        for change in decision.changed:
+            print(f"[{PROG}]   {change}")
+        for warning in warnings:
+            print(f"[{PROG}] warning: {warning}")
+        apply_launch(config, decision, record)
+        print("full config:\n" + OmegaConf.to_yaml(config, resolve=True), flush=True)
+        train(config)
+        print(run_summary(config))
+    except KeyboardInterrupt:
+        print(interrupted_message(config), flush=True)
+        stop_ray()
+        raise SystemExit(130) from None
+    except Exception:  # noqa: BLE001 - the traceback must reach the log file before it closes
+        traceback.print_exc()
+        stop_ray()
+        raise SystemExit(1) from None
+    finally:
+        stop_ray()  # before the log closes: Ray's last forwarded worker lines belong in it
+        print(f"[{PROG}] full log: {log.path}", flush=True)
+        log.close()
+
+
+def train(config: DictConfig) -> None:
+    """verl's own entry point (`run_ppo`) with the v1 or v0 task runner."""
     from verl.trainer.main_ppo import TaskRunnerV1, run_ppo
 
     if config.trainer.use_v1:
@@ -138,7 +175,28 @@ def run(config: DictConfig) -> None:
         from verl.trainer.main_ppo_v0 import TaskRunner
 
         run_ppo(config, task_runner_class=TaskRunner)
-    print(run_summary(config))
+
+
+def stop_ray() -> None:
+    """Shut down the Ray cluster this driver started (its workers with it); a joined cluster stays up."""
+    import ray
+
+    if ray.is_initialized():
+        ray.shutdown()
+
+
+def interrupted_message(config: DictConfig) -> str:
+    """What a Ctrl-C prints: where the run stands and the command that continues it."""
+    from verl_ext.run_dir import latest_checkpoint_step
+
+    run_dir = config.trainer.default_local_dir
+    step = latest_checkpoint_step(run_dir)
+    command = os.environ.get("RUN_COMMAND") or " ".join(["python -m recipe.dapo_reweight.main", *sys.argv[1:]])
+    saved = f"the last checkpoint is step {step}" if step is not None else "no checkpoint was saved yet"
+    return (
+        f"[{PROG}] interrupted; {saved} ({run_dir}). To resume, run the same command again:\n"
+        f"[{PROG}]   {command}"
+    )
 
 
 def absolute_run_dir(config: DictConfig) -> str:
