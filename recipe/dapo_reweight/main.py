@@ -151,6 +151,7 @@ def run(config: DictConfig) -> None:
         print("full config:\n" + OmegaConf.to_yaml(config, resolve=True), flush=True)
         train(config)
         print(run_summary(config))
+        merge_at_end(config)
     except KeyboardInterrupt:
         print(interrupted_message(config), flush=True)
         stop_ray()
@@ -163,6 +164,23 @@ def run(config: DictConfig) -> None:
         stop_ray()  # before the log closes: Ray's last forwarded worker lines belong in it
         print(f"[{PROG}] full log: {log.path}", flush=True)
         log.close()
+
+
+def merge_at_end(config: DictConfig) -> None:
+    """The last checkpoint as a Hugging Face model (`run.merge_at_end`, FSDP checkpoints), with the
+    command that evaluates it."""
+    from verl_ext.merge import merge_checkpoint
+
+    strategy = config.actor_rollout_ref.actor.get("strategy", "fsdp")
+    if not (config.get("run") or {}).get("merge_at_end", True) or strategy not in ("fsdp", "fsdp2"):
+        return
+    try:
+        merged = merge_checkpoint(config.trainer.default_local_dir, quiet=True)
+    except ConfigError as err:
+        print(f"[{PROG}] warning: no merged model: {err}")
+        return
+    print(f"[{PROG}] merged model: {merged}")
+    print(f"[{PROG}] evaluate it: bash scripts/evaluate.sh model.path={config.trainer.default_local_dir}")
 
 
 def train(config: DictConfig) -> None:

@@ -776,9 +776,12 @@ def maybe_log_wandb(cfg: DictConfig, df, summary: dict, files: dict[str, Path], 
 
 def run(cfg: DictConfig) -> dict[str, Path]:
     """The whole analysis (see the module docstring); returns the report files."""
+    from verl_ext.merge import resolve_config_paths
+
     if cfg.input.source not in SOURCES:
         raise ValueError(f"input.source={cfg.input.source!r} is invalid; valid choices: {', '.join(SOURCES)}")
     wandb_enabled(cfg.wandb.enable)  # a bad setting fails now, not after the scoring
+    resolve_config_paths(cfg, ("base_model", "rl_model", "tokenizer"))  # a training run's folder: its merged model
     out = Path(cfg.output_dir).resolve()
     check_manifest(out, config_fingerprint(cfg), cfg.overwrite)
     base, rl, tok_path, tiny = resolve_models(cfg, out)

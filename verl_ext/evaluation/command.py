@@ -153,9 +153,11 @@ def generate_records(cfg: DictConfig) -> list[dict]:
 
 def run(cfg: DictConfig) -> dict:
     """Generate (mode generate) or read (mode grade) generations, grade, aggregate, write; returns the table."""
+    from verl_ext.merge import resolve_config_paths
     from verl_ext.reward import configure_grader
 
     mode = resolve_mode(cfg)
+    resolve_config_paths(cfg, ("model.path", "model.tokenizer"))  # a training run's folder: its merged model
     wandb_enabled(cfg.wandb.enable)  # a bad setting fails now, not after generating and grading
     output_dir = Path(cfg.output_dir)
     if mode == "generate":
