@@ -172,7 +172,7 @@ def test_unwritable_checkpoint_dir_is_named(tiny_assets, tmp_path):
         check_training_inputs(config)
 
 
-def _main(*overrides: str, env: dict | None = None) -> tuple[int, str, float]:
+def _main(*overrides: str, env: dict | None = None, cwd: Path = REPO) -> tuple[int, str, float]:
     """The training entry point as the script runs it; (exit code, stderr, CPU seconds it used).
 
     CPU seconds, not wall-clock: on a shared 2-core test machine the wall-clock time of the same work
@@ -181,7 +181,7 @@ def _main(*overrides: str, env: dict | None = None) -> tuple[int, str, float]:
     before, start = resource.getrusage(resource.RUSAGE_CHILDREN), time.monotonic()
     proc = subprocess.run(
         [sys.executable, "-m", "recipe.dapo_reweight.main", "+preset=tiny-cpu", *overrides],
-        cwd=REPO, env=full_env, capture_output=True, text=True, timeout=120, check=False,
+        cwd=cwd, env=full_env, capture_output=True, text=True, timeout=120, check=False,
     )
     after = resource.getrusage(resource.RUSAGE_CHILDREN)
     cpu = after.ru_utime + after.ru_stime - before.ru_utime - before.ru_stime
@@ -215,3 +215,9 @@ def test_the_command_refuses_an_empty_training_parquet(tiny_assets, tmp_path):
     code, stderr, seconds = _main(f"data.train_files={empty}")
     assert code == 2 and f"[dapo_reweight] error: data.train_files: {empty} has no rows" in stderr, stderr[-2000:]
     assert seconds < FAIL_WITHIN_S
+
+
+def test_a_failed_launch_leaves_no_hydra_outputs_folder(tiny_assets, tmp_path):
+    code, stderr, _ = _main(f"{R}.top_p=1.5", cwd=tmp_path)
+    assert code == 2, stderr[-2000:]
+    assert list(tmp_path.iterdir()) == []  # no outputs/<date>/<time>/.hydra, no main.log
