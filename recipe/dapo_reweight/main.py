@@ -35,6 +35,15 @@ REPO = Path(__file__).resolve().parents[2]
 PRESET_DIR = REPO / "configs" / "preset"
 
 
+def _register_resolvers() -> None:
+    """`${repo_dir:}`: this repository's root, so default run folders do not depend on the cwd."""
+    if not OmegaConf.has_resolver("repo_dir"):
+        OmegaConf.register_new_resolver("repo_dir", lambda: str(REPO))
+
+
+_register_resolvers()
+
+
 def available_presets() -> list[str]:
     return sorted(p.stem for p in PRESET_DIR.glob("*.yaml"))
 
@@ -89,6 +98,14 @@ def check_inputs(config: DictConfig) -> list[str]:
     from verl_ext.training_checks import check_training_inputs
 
     return check_training_inputs(config)
+
+
+def worker_warning_filters() -> str:
+    """PYTHONWARNINGS for Ray's workers: the user's filters, plus ignoring the UserWarnings of verl's
+    engine registry (optional engines absent), which each of the ~10 worker processes repeats five times."""
+    own = "ignore::UserWarning:verl.workers.engine"
+    user = os.environ.get("PYTHONWARNINGS", "")
+    return f"{user},{own}" if user else own
 
 
 def silence_harmless_warnings() -> None:
@@ -231,8 +248,9 @@ def absolute_run_dir(config: DictConfig) -> str:
 def apply_launch(config: DictConfig, decision: Decision, record: dict) -> None:
     """What the resume decision changes in verl's config: wandb continues the run's recorded id
     (WANDB_RUN_ID, WANDB_RESUME=allow, in this process and every Ray worker), and a resumed run does
-    not validate again before training (the checkpointed step's validation metrics stand)."""
-    env = {"WANDB_RUN_ID": record["wandb_run_id"], "WANDB_RESUME": "allow"}
+    not validate again before training (the checkpointed step's validation metrics stand). Every
+    worker also ignores the warnings verl repeats on each import (`worker_warning_filters`)."""
+    env = {"WANDB_RUN_ID": record["wandb_run_id"], "WANDB_RESUME": "allow", "PYTHONWARNINGS": worker_warning_filters()}
     os.environ.update(env)
     with open_dict(config):
         ray_env = config.ray_kwargs.ray_init.setdefault("runtime_env", {}).setdefault("env_vars", {})
