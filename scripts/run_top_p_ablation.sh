@@ -20,7 +20,9 @@ source "$REPO/scripts/_common.sh"
 TOP_PS="${TOP_PS:-1.0 0.95 0.9 0.8}"
 export WANDB_RUN_GROUP="${WANDB_RUN_GROUP:-top-p-ablation-${PRESET:-default}-$(date +%Y%m%d-%H%M%S)}"
 extra=()
+tag=""
 if [ "${CORRECTION:-0}" = "1" ]; then
+  tag="-is"
   # run.tag: corrected runs get their own name, wandb run and folder (-is), never the plain run's checkpoints
   extra+=(algorithm.rollout_correction.rollout_is=token algorithm.rollout_correction.rollout_is_threshold=2.0
           "run.tag=-is")
@@ -31,8 +33,9 @@ for p in $TOP_PS; do
     || { echo "error: TOP_PS value '$p' is not a number in (0, 1]" >&2; exit 2; }
 done
 for p in $TOP_PS; do
-  echo "=== rollout top_p=$p${CORRECTION:+ correction=$CORRECTION} ==="
-  bash "$REPO/scripts/run_dapo_reweight.sh" \
+  echo "=== rollout top_p=$p${tag:+ with rollout correction} ==="
+  # LOG_DIR_ROOT: the launches' log files go to LOG_DIR_ROOT/top_p-<p> instead of each run's own logs/
+  LOG_DIR="${LOG_DIR_ROOT:+$LOG_DIR_ROOT/top_p-$p$tag}" bash "$REPO/scripts/run_dapo_reweight.sh" \
     "actor_rollout_ref.rollout.top_p=$p" "actor_rollout_ref.rollout.val_kwargs.top_p=0.7" \
     "${extra[@]}" "${RUN_ARGS[@]}"
 done

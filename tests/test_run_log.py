@@ -40,6 +40,7 @@ def test_console_shows_progress_own_messages_and_errors_the_log_keeps_everything
         "(TaskRunner pid=1) ValueError: bad",
         "(TaskRunner pid=1) after the traceback",
         "wandb: 🚀 View run tiny at: https://wandb.ai/x",
+        "2026-12-05 07:00:00,000\tINFO worker.py:1 -- Connecting to existing Ray cluster at address: 127.0.0.2:6390...",
     ]
     log, console = io.StringIO(), io.StringIO()
     filter_stream((line + "\n" for line in lines), log, console, ConsoleFilter(total_steps=12))
@@ -49,7 +50,8 @@ def test_console_shows_progress_own_messages_and_errors_the_log_keeps_everything
     assert shown[0] == "[dapo_reweight] run directory: /r"
     assert shown[1].startswith("[##") and "reward 0.125" in shown[1]
     assert shown[2:5] == ["Traceback (most recent call last):", '  File "x.py", line 1, in <module>', "ValueError: bad"]
-    assert shown[5].startswith("wandb: 🚀 View run") and len(shown) == 6
+    assert shown[5].startswith("wandb: 🚀 View run") and "Connecting to existing Ray cluster" in shown[6]
+    assert len(shown) == 7
 
 
 def test_every_launch_gets_its_own_log_file(tmp_path):

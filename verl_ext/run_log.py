@@ -38,6 +38,7 @@ OWN_MESSAGE = re.compile(r"^\[(dapo_reweight|run_dapo_reweight|run_top_p_ablatio
 CONSOLE_ALSO = re.compile(
     r"^(Resuming from|Training from scratch|wandb: .*(View run|Syncing run|run history|offline|sync )|KeyboardInterrupt)"
 )
+CONSOLE_PHRASES = re.compile(r"Connecting to existing Ray cluster at address|Started a local Ray instance")
 TRACEBACK_START = re.compile(r"^Traceback \(most recent call last\)|^\*\*\* SIGTERM|^Error executing job")
 TRACEBACK_END = re.compile(r"^[\w.]*(Error|Exception|Interrupt|Exit)\b.*")
 ERROR_LINE = re.compile(r"^(ERROR|CRITICAL)\b|\berror: ")
@@ -127,7 +128,7 @@ class ConsoleFilter:
         if TRACEBACK_START.search(text):
             self.in_traceback = True
             return [text]
-        if OWN_MESSAGE.match(text) or CONSOLE_ALSO.match(text) or ERROR_LINE.search(text):
+        if OWN_MESSAGE.match(text) or CONSOLE_ALSO.match(text) or CONSOLE_PHRASES.search(text) or ERROR_LINE.search(text):
             return [text]
         return []
 
