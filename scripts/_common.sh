@@ -52,3 +52,18 @@ export_ray_auth_mode() {
   fi
   echo "[$1] RAY_AUTH_MODE=$RAY_AUTH_MODE${RAY_AUTH_TOKEN_PATH:+ RAY_AUTH_TOKEN_PATH=$RAY_AUTH_TOKEN_PATH}" >&2
 }
+
+# RUN_ARGS=(the arguments, with a user's trainer.default_local_dir=DIR turned into DIR/<run name>):
+# a comparison script's runs each get their own folder (and so never resume one another) even when
+# the user points them all at one place. The run name is trainer.experiment_name (hydra interpolation).
+per_run_dir_args() {
+  RUN_ARGS=()
+  local arg
+  for arg in "$@"; do
+    case "$arg" in
+      trainer.default_local_dir=*|++trainer.default_local_dir=*|+trainer.default_local_dir=*)
+        RUN_ARGS+=("${arg%/}/\${trainer.experiment_name}") ;;
+      *) RUN_ARGS+=("$arg") ;;
+    esac
+  done
+}

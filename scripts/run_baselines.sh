@@ -17,6 +17,7 @@ export WANDB_RUN_GROUP="${WANDB_RUN_GROUP:-baselines-${PRESET:-default}-$(date +
 for scheme in $SCHEMES; do
   require_choice SCHEMES "$scheme" none lowprob ppl dominate
 done
+per_run_dir_args "$@"  # each scheme its own folder, also under a trainer.default_local_dir you pass
 for scheme in $SCHEMES; do
   extra=()
   case "$scheme" in
@@ -24,5 +25,5 @@ for scheme in $SCHEMES; do
     dominate) extra+=(actor_rollout_ref.actor.policy_loss.alpha=0.1 actor_rollout_ref.actor.clip_ratio_high=0.24) ;;
   esac
   echo "=== baseline: $scheme ${extra[*]:-} ==="
-  WEIGHTING="$scheme" ALPHA="" bash "$REPO/scripts/run_dapo_reweight.sh" "${extra[@]}" "$@"
+  WEIGHTING="$scheme" ALPHA="" bash "$REPO/scripts/run_dapo_reweight.sh" "${extra[@]}" "${RUN_ARGS[@]}"
 done

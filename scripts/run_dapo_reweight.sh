@@ -11,7 +11,8 @@
 #   WEIGHTING  lowprob | ppl | dominate | none      (default: the config's, lowprob)
 #   ALPHA      weighting strength (default: the preset's, else the paper's value for the scheme)
 #   DRY_RUN=1  compose + validate + print the config, then exit
-#   LOG_DIR    where the run's log is kept (default: outputs/<preset>-<weighting>)
+#   LOG_DIR    where the launch's log file goes (default: <run dir>/logs; one new train-<time>.log per launch)
+#   RUN_LOG_CONSOLE=full  show everything on the console (default: progress bar, one short line per step)
 #   WANDB_API_KEY or WANDB_MODE set -> also log to wandb
 set -euo pipefail
 REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -49,9 +50,12 @@ if [ -n "${RAY_ADDRESS:-}" ]; then
   done
 fi
 
-LOG_DIR="${LOG_DIR:-$REPO/outputs/$PRESET-${WEIGHTING:-default}}"
-mkdir -p "$LOG_DIR"
-echo "[run_dapo_reweight] preset=$PRESET weighting=${WEIGHTING:-<config default>} alpha=${ALPHA:-<default>} log=$LOG_DIR/train.log"
-set -o pipefail
-"$PY" -m recipe.dapo_reweight.main "${ARGS[@]}" "$@" 2>&1 | tee "$LOG_DIR/train.log"
-echo "[run_dapo_reweight] full log: $LOG_DIR/train.log"
+# what a Ctrl-C tells the user to run again (the run's folder then decides: resume, or nothing to train)
+knobs=""
+for name in PRESET WEIGHTING ALPHA; do [ -n "${!name:-}" ] && knobs+="$name=$(printf '%q' "${!name}") "; done
+RUN_COMMAND="${knobs}bash scripts/run_dapo_reweight.sh"
+[ $# -gt 0 ] && RUN_COMMAND+="$(printf ' %q' "$@")"
+export RUN_COMMAND
+echo "[run_dapo_reweight] preset=$PRESET weighting=${WEIGHTING:-<config default>} alpha=${ALPHA:-<default>}"
+# the log (one file per launch, in the run's folder) is written by the entry point itself: verl_ext/run_log.py
+exec "$PY" -m recipe.dapo_reweight.main "${ARGS[@]}" "$@"

@@ -397,7 +397,8 @@ def test_top_p_ablation_trains_on_a_two_node_cluster_from_ray_cluster_sh(tmp_pat
     assert not any(t.startswith("ray::WorkerDict") for t in actors.get(head["id"], ())), actors
 
     # 2. the metrics in the console log and in the wandb offline history
-    train_log = (tmp_path / "logs" / "top_p-0.9" / "train.log").read_text()
+    (log_file,) = (tmp_path / "logs" / "top_p-0.9").glob("train-*.log")  # verl_ext.run_log: one file per launch
+    train_log = log_file.read_text()
     metrics = step_metrics(train_log)
     assert sorted(metrics) == [1], _tail(train_log)
     values = metrics[1]

@@ -107,3 +107,24 @@ def test_truncated_mass_recovers_the_nucleus_mass():
         assert m["rollout/top_p_truncated_mass_mean"] == pytest.approx(float((1 - kept_mass).mean()))
         if top_p == 1.0:
             assert m["rollout/top_p_truncated_mass_max"] == pytest.approx(0.0, abs=1e-12)
+
+
+def test_truncated_mass_net_of_the_engine_noise_floor():
+    """Two-sided engine noise on log π (as bf16 vs fp32) inflates the raw truncated mass; the floor
+    (the impossible side, π_old > π_rollout) measures it, and the net mean recovers the true cut mass."""
+    from verl_ext.rollout_metrics import truncation_metrics
+
+    gen = torch.Generator().manual_seed(0)
+    n = 200_000
+    old = -torch.rand(1, n, generator=gen, dtype=torch.float64) * 3
+    noise = torch.randn(1, n, generator=gen, dtype=torch.float64) * 0.004
+    mask = torch.ones(1, n)
+    for true_cut in (0.0, 0.05):  # top-p 1; a nucleus that cuts 5% at every other token (the rest keep all)
+        cut = torch.zeros(1, n, dtype=torch.float64)
+        cut[:, ::2] = true_cut
+        rollout = old - torch.log1p(-cut) + noise
+        m = truncation_metrics(old, rollout, mask)
+        raw, net, floor = (m[f"rollout/top_p_{k}"] for k in ("truncated_mass_mean", "truncated_mass_net_mean", "mismatch_floor"))
+        assert floor > 0.0005  # the noise of the uncut tokens, on the side truncation cannot reach
+        assert raw == pytest.approx(true_cut / 2 + floor, abs=2e-4)  # the raw mean reads the noise as a cut
+        assert net == pytest.approx(true_cut / 2, abs=2e-4)

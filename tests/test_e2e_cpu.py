@@ -10,10 +10,13 @@ per run on a 2-core machine.
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import re
+import signal
 import subprocess
+import time
 from pathlib import Path
 
 import pytest
@@ -37,25 +40,39 @@ def train_command(*overrides: str) -> list[str]:
     return ["bash", str(REPO / "scripts" / "run_dapo_reweight.sh"), *DAPO_OVERRIDES, *overrides]
 
 
-def run_training(run_dir: Path, log_name: str, *overrides: str) -> tuple[int, str]:
-    """Run one training in `run_dir` (checkpoints) and return (exit code, full log)."""
-    env = {k: v for k, v in os.environ.items() if k not in ("VERL_PLATFORM", "CUDA_VISIBLE_DEVICES")}
+def training_env(run_dir: Path, log_name: str) -> dict:
+    env = {k: v for k, v in os.environ.items() if k not in ("VERL_PLATFORM", "CUDA_VISIBLE_DEVICES", "RUN_LOG_CONSOLE")}
     env.update(PRESET="tiny-cpu", TINY_RUN_DIR=str(run_dir), LOG_DIR=str(run_dir / "logs" / log_name))
     # wandb in offline mode: the run files are checked below (nothing leaves the machine)
     (run_dir / log_name).mkdir(exist_ok=True)
     env.update(WANDB_MODE="offline", WANDB_DIR=str(run_dir / log_name), WANDB_RUN_GROUP="e2e-test", WEIGHTING="lowprob")
+    return env
+
+
+def launch_log(run_dir: Path, log_name: str) -> str:
+    """The log file the launch wrote (verl_ext.run_log: one per launch, the full output)."""
+    (path,) = (run_dir / "logs" / log_name).glob("train-*.log")
+    return path.read_text()
+
+
+def run_training(run_dir: Path, log_name: str, *overrides: str) -> tuple[int, str, str]:
+    """Run one training in `run_dir` (checkpoints); returns (exit code, console output, the launch's log file)."""
     proc = subprocess.run(
         train_command(*overrides),
         cwd=REPO,
-        env=env,
+        env=training_env(run_dir, log_name),
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,
         timeout=RUN_TIMEOUT_S,
         check=False,
     )
-    (run_dir / f"{log_name}.log").write_text(proc.stdout)
-    return proc.returncode, proc.stdout
+    (run_dir / f"{log_name}.console").write_text(proc.stdout)
+    try:
+        log = launch_log(run_dir, log_name)
+    except ValueError:  # no log file: the launch stopped before training
+        log = ""
+    return proc.returncode, proc.stdout, log
 
 
 def saved_steps(run_dir: Path) -> set[int]:
@@ -69,8 +86,8 @@ def _tail(log: str, n: int = 80) -> str:
 @pytest.fixture(scope="module")
 def first_run(tmp_path_factory):
     run_dir = tmp_path_factory.mktemp("tiny_cpu_run")
-    code, log = run_training(run_dir, "first", "trainer.total_training_steps=2")
-    return run_dir, code, log
+    code, console, log = run_training(run_dir, "first", "trainer.total_training_steps=2")
+    return run_dir, code, console + log
 
 
 @pytest.mark.slow
@@ -92,7 +109,16 @@ def test_dapo_training_runs_two_steps_on_cpu(first_run, step_metrics):
     # the newcomer's summary: what was trained and where checkpoints and logs are
     assert re.search(r"\[dapo_reweight\] finished tiny-cpu-lowprob-a0.2-topp1.0: preset tiny-cpu, weighting lowprob", log)
     assert re.search(r"checkpoints: \S+ \(latest: \S+global_step_2\)", log), _tail(log)
-    assert "[run_dapo_reweight] full log:" in log
+    assert "[dapo_reweight] full log:" in log
+    # the last checkpoint merged into a Hugging Face model that the evaluation commands load from the run folder
+    from transformers import AutoModelForCausalLM
+
+    from verl_ext.merge import resolve_model_path
+
+    (merged,) = run_dir.rglob("global_step_2/merged_hf")
+    assert f"[dapo_reweight] merged model: {merged}" in log
+    assert resolve_model_path(str(merged.parent.parent)) == str(merged)
+    assert AutoModelForCausalLM.from_pretrained(str(merged)).config.model_type == "qwen2"
 
 
 @pytest.mark.slow
@@ -127,8 +153,8 @@ def test_a_rerun_with_the_same_seed_logs_the_same_numbers(tmp_path_factory, step
     (rewards, losses, weights, evictions, validation) bit for bit as the first, timings aside."""
     logs = []
     for name in ("reproducible", "rerun"):
-        code, log = run_training(tmp_path_factory.mktemp(name), name, "trainer.total_training_steps=2", *REPRODUCIBLE)
-        assert code == 0, _tail(log)
+        code, console, log = run_training(tmp_path_factory.mktemp(name), name, "trainer.total_training_steps=2", *REPRODUCIBLE)
+        assert code == 0, _tail(console)
         assert "hf_reproducible" in log
         logs.append(log)
     first, again = (step_metrics(log) for log in logs)
@@ -145,8 +171,71 @@ def test_a_rerun_with_the_same_seed_logs_the_same_numbers(tmp_path_factory, step
 def test_resume_continues_from_the_last_saved_step(first_run, step_metrics):
     run_dir, code, first_log = first_run
     assert code == 0, _tail(first_log)
-    code, log = run_training(run_dir, "resumed", "trainer.total_training_steps=3")
-    assert code == 0, _tail(log)
+    code, console, log = run_training(run_dir, "resumed", "trainer.total_training_steps=3")
+    assert code == 0, _tail(console)
     assert re.search(r"Resuming from \S*global_step_2, setting global step to 2", log), _tail(log)
     assert sorted(step_metrics(log)) == [3], "the resumed run must train step 3 only"
     assert saved_steps(run_dir) == {1, 2, 3}
+    # one run directory: run.json records both launches and one wandb run id, which wandb continued
+    record = json.loads(next(run_dir.rglob("run.json")).read_text())
+    assert [launch["action"] for launch in record["launches"]] == ["start", "resume"]
+    for name in ("first", "resumed"):
+        (wandb_run,) = (run_dir / name / "wandb").glob("offline-run-*")
+        assert wandb_run.name.endswith(f"-{record['wandb_run_id']}"), (name, wandb_run.name)
+    # a third launch has nothing to do and says so, before Ray starts
+    code, console, _ = run_training(run_dir, "again", "trainer.total_training_steps=3")
+    assert code == 0 and "nothing to train:" in console and "ray init kwargs" not in console, _tail(console)
+
+
+def own_processes(marker: str) -> list[str]:
+    """Command lines of the live processes whose environment contains `marker` (this test's run folder)."""
+    found = []
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit() or int(proc.name) == os.getpid():
+            continue
+        try:
+            if marker.encode() in (proc / "environ").read_bytes():
+                found.append((proc / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace"))
+        except OSError:
+            continue
+    return found
+
+
+@pytest.mark.slow
+def test_interrupted_and_resumed_run_equals_the_uninterrupted_one(tmp_path_factory, step_metrics):
+    """hf_reproducible + full_determinism: Ctrl-C after step 2's checkpoint, then the same command again,
+    logs the same numbers for every step as a run that was never stopped. The Ctrl-C prints how to
+    resume and leaves no process of the run behind (Ray's included)."""
+    steps = ["trainer.total_training_steps=3", *REPRODUCIBLE]
+    whole_dir = tmp_path_factory.mktemp("uninterrupted")
+    code, console, whole_log = run_training(whole_dir, "whole", *steps)
+    assert code == 0, _tail(console)
+
+    run_dir = tmp_path_factory.mktemp("interrupted")
+    proc = subprocess.Popen(train_command(*steps), cwd=REPO, env=training_env(run_dir, "part1"), stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    deadline = time.monotonic() + RUN_TIMEOUT_S
+    while time.monotonic() < deadline and proc.poll() is None:
+        if any(p.read_text().strip() == "2" for p in run_dir.rglob("latest_checkpointed_iteration.txt")):
+            os.killpg(proc.pid, signal.SIGINT)  # what Ctrl-C in the terminal does: the whole foreground group
+            break
+        time.sleep(0.2)
+    console, _ = proc.communicate(timeout=120)
+    assert proc.returncode == 130, _tail(console)
+    assert "[dapo_reweight] interrupted; the last checkpoint is step 2" in console, _tail(console)
+    assert "To resume, run the same command again:" in console and "bash scripts/run_dapo_reweight.sh" in console
+    time.sleep(2)
+    assert own_processes(str(run_dir)) == [], "processes of the interrupted run are still alive"
+
+    code, console, resumed_log = run_training(run_dir, "part2", *steps)
+    assert code == 0, _tail(console)
+    assert re.search(r"Resuming from \S*global_step_2", resumed_log), _tail(resumed_log)
+    whole = step_metrics(whole_log)
+    pieces = {**step_metrics(launch_log(run_dir, "part1")), **step_metrics(resumed_log)}
+    assert set(whole) == set(pieces) == {1, 2, 3}, (sorted(whole), sorted(pieces))
+    for step in (1, 2, 3):
+        keys = {k for k in whole[step] if not NONDETERMINISTIC.search(k)}
+        differing = {k: (whole[step][k], pieces[step].get(k)) for k in keys
+                     if not (whole[step][k] == pieces[step].get(k)
+                             or (math.isnan(whole[step][k]) and math.isnan(pieces[step].get(k, 0.0))))}
+        assert not differing, (step, differing)

@@ -75,7 +75,7 @@ def test_paper_presets_have_the_papers_numbers(preset, response_len, lowprob_alp
         ("actor_rollout_ref.actor.policy_loss.alpha=-0.5", "got -0.5"),
         ("actor_rollout_ref.actor.policy_loss.ppl_clamp=[1.3,0.7]", "low=1.3, high=0.7"),
         ("trainer.v1.trainer_mode=sync", None),
-        ("replay_buffer_poll_s=0", r"replay_buffer_poll_s=0 is invalid; valid: a number of seconds > 0"),
+        ("replay_buffer_poll_s=0", r"replay_buffer_poll_s=0 is invalid; valid: a number > 0, or null"),
         ("replay_buffer_poll_s=soon", r"replay_buffer_poll_s='soon' is invalid"),
     ],
 )
@@ -105,19 +105,18 @@ def test_missing_model_or_data_and_rows_without_ground_truth_are_named(tmp_path)
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    from recipe.dapo_reweight.main import check_data_files, check_model_path
+    from verl_ext.checks import ConfigError, check_model_source
+    from verl_ext.training_checks import check_data_files
 
-    with pytest.raises(FileNotFoundError, match=r"actor_rollout_ref.model.path='/no/such/model': no such model"):
-        check_model_path("/no/such/model", "actor_rollout_ref.model.path")
-    check_model_path("Qwen/Qwen2.5-Math-7B", "actor_rollout_ref.model.path")  # a hub id is left to transformers
-    check_model_path(str(tmp_path), "actor_rollout_ref.model.path")
+    with pytest.raises(ConfigError, match=r"actor_rollout_ref.model.path='/no/such/model': no such model"):
+        check_model_source("/no/such/model", "actor_rollout_ref.model.path")
     missing = tmp_path / "train.parquet"
-    with pytest.raises(FileNotFoundError, match=f"data.train_files: data file '{missing}' does not exist"):
-        check_data_files([str(missing)], "data.train_files")
+    with pytest.raises(ConfigError, match=f"data.train_files: data file '{missing}' does not exist"):
+        check_data_files([str(missing)], "data.train_files", {})
     rows = [{"ground_truth": "12", "style": "rule"}, {"ground_truth": "7", "style": "rule"}, {"ground_truth": None, "style": "rule"}]
-    pq.write_table(pa.table({"reward_model": rows}), missing)
-    with pytest.raises(ValueError, match=f"data.train_files: {missing} row 2 has no reward_model.ground_truth"):
-        check_data_files(str(missing), "data.train_files")
+    pq.write_table(pa.table({"prompt": ["a", "b", "c"], "data_source": ["d"] * 3, "reward_model": rows}), missing)
+    with pytest.raises(ConfigError, match=f"data.train_files: {missing} row 2 has no reward_model.ground_truth"):
+        check_data_files(str(missing), "data.train_files", {})
 
 
 def test_baselines_script_gives_dominate_its_paper_settings():

@@ -56,3 +56,23 @@ def test_ordered_buffer_decides_only_when_nothing_is_in_flight(monkeypatch):
     buffer.poll_interval = 0.0
     buffer._sync_metadata_from_transfer_queue()
     assert len(calls) == 3 and buffer.pending_keys == {"train": set()} and buffer.running_keys == {"train": set()}
+
+
+def test_checkpoint_is_written_after_the_steps_metrics_are_logged(monkeypatch):
+    """verl saves before the step's validation and logging; the trainer defers the save until the
+    step's metrics have been logged, so a checkpointed step always has its metrics."""
+    from verl.trainer.ppo.v1.trainer_sync import PPOTrainerSync
+
+    events = []
+    monkeypatch.setattr(PPOTrainerSync, "_save_checkpoint", lambda self: events.append(("save", self.global_steps)))
+    monkeypatch.setattr(PPOTrainerSync, "on_train_begin", lambda self: None)
+    trainer = object.__new__(DapoReweightTrainer)
+    trainer.logger = type("Log", (), {"log": staticmethod(lambda data, step: events.append(("log", step)))})()
+    trainer.on_train_begin()
+    trainer.global_steps = 1
+    trainer.logger.log(data={"x": 1}, step=1)  # a step without a save
+    trainer.global_steps = 2
+    trainer._save_checkpoint()  # where verl calls it: inside the step
+    assert events == [("log", 1)]
+    trainer.logger.log(data={"x": 2}, step=2)
+    assert events == [("log", 1), ("log", 2), ("save", 2)]

@@ -128,9 +128,20 @@ def check_writable_dir(path: Any, key: str) -> Path:
         probe = probe.parent
     if not probe.is_dir():
         raise ConfigError(f"{key}={str(path)!r}: {probe} is a file, not a directory")
-    if not os.access(probe, os.W_OK | os.X_OK):
+    if not os.access(probe, os.W_OK | os.X_OK) or not _can_create_file_in(probe):
         raise ConfigError(f"{key}={str(path)!r}: {probe} is not writable")
     return p
+
+
+def _can_create_file_in(folder: Path) -> bool:
+    """Try it: `os.access` says yes to root on a read-only file system."""
+    import tempfile
+
+    try:
+        with tempfile.TemporaryFile(dir=folder):
+            return True
+    except OSError:
+        return False
 
 
 def is_remote(path: str) -> bool:

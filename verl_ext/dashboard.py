@@ -51,7 +51,8 @@ DASHBOARD_SECTIONS: list[tuple[str, list[tuple[str, list[str], str | None]]]] = 
         [
             (
                 "Mass cut by the rollout's nucleus",
-                ["rollout/top_p_truncated_mass_mean", "rollout/top_p_frac_tokens_truncated_over_1pct"],
+                ["rollout/top_p_truncated_mass_net_mean", "rollout/top_p_mismatch_floor",
+                 "rollout/top_p_truncated_mass_mean", "rollout/top_p_frac_tokens_truncated_over_1pct"],
                 None,
             ),
             ("Rollout vs trainer probabilities", ["training/rollout_probs_diff_mean", "training/rollout_probs_diff_max"], None),

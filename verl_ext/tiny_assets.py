@@ -27,6 +27,8 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
+from verl_ext.atomic_io import current_umask
+
 # Bump when anything that changes the built files changes: outdated folders are rebuilt.
 ASSET_VERSION = 3
 DATA_SOURCE = "tiny_arith"  # graded by verl_ext.reward (last \boxed{} vs the ground truth, Math-Verify)
@@ -316,7 +318,7 @@ def _build_if_missing(target: Path, write, files: tuple[str, ...]) -> None:
     try:
         write(tmp)
         _stamp(tmp).write_text(f"{ASSET_VERSION}\n")
-        tmp.chmod(0o755)  # mkdtemp makes it private
+        tmp.chmod(0o777 & ~current_umask())  # mkdtemp makes it private
         if target.exists():  # outdated version: replace it
             shutil.rmtree(target)
         try:

@@ -5,7 +5,9 @@ After verl's own advantage computation (GRPO group normalisation) it reads the s
 `old_log_probs`, `response_mask`, `uid` and `advantages`, logs exact global weight statistics
 under `actor/reweight/`, and for the response-level `ppl` scheme writes Ã = w_i·Â back. When
 the rollout returned log-probs it also logs the mass a top-p rollout cut (`rollout/top_p_*`).
-Selected with `trainer.v1.trainer_mode=dapo_reweight`. `replay_buffer_poll_s` (recipe config)
+Selected with `trainer.v1.trainer_mode=dapo_reweight`. Checkpoints are written right after the
+step's metrics are logged (verl writes them before the step's validation), so a resumed run never
+lacks the metrics of the step it resumes from. `replay_buffer_poll_s` (recipe config)
 sets how often the replay buffer checks for finished rollouts.
 
 verl decides between its synchronous and asynchronous semantics by `trainer_mode == "sync"`
@@ -105,6 +107,27 @@ class DapoReweightTrainer(PPOTrainerSync):
         if poll_s is not None:  # validated by recipe.dapo_reweight.main.prepare_config
             buffer.poll_interval = float(poll_s)
         return buffer
+
+    def _save_checkpoint(self):
+        """Deferred until the step's metrics are logged (`on_train_begin`).
+
+        verl saves inside the step, before the step's validation runs and its metrics are logged: a
+        run stopped in between resumes after a step whose metrics exist nowhere (console, log, wandb).
+        Saving right after the log call makes every checkpointed step one whose metrics were logged."""
+        self._checkpoint_due = True
+
+    def on_train_begin(self):
+        super().on_train_begin()
+        self.logger.log = self._log_then_save(self.logger.log)
+
+    def _log_then_save(self, log):
+        def log_then_save(data, step, *args, **kwargs):
+            log(data, step, *args, **kwargs)
+            if getattr(self, "_checkpoint_due", False):
+                self._checkpoint_due = False
+                PPOTrainerSync._save_checkpoint(self)
+
+        return log_then_save
 
     def _fetch_one_gen_batch(self):
         batch = super()._fetch_one_gen_batch()

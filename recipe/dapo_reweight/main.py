@@ -14,17 +14,34 @@ naming the bad value or file.
 from __future__ import annotations
 
 import os
-import re
 import sys
+import time
+import traceback
 from pathlib import Path
 
 import hydra
 from omegaconf import DictConfig, OmegaConf, open_dict
 
+from verl_ext import run_log
+from verl_ext.checks import REMOTE_PREFIXES, ConfigError, exit_on_config_error
+from verl_ext.run_dir import Decision, plan_launch, start_launch
+
+PROG = "dapo_reweight"
+# harmless warnings verl repeats on every import (optional engines absent; GRPO has no critic)
+HARMLESS_WARNINGS = (r".* engine is not available", r"Disabled critic as algorithm.adv_estimator")
+# refused before Ray starts: ours, and the ValueErrors of verl's own config validation
+CONFIG_ERRORS = (ConfigError, ValueError, FileNotFoundError)
 REPO = Path(__file__).resolve().parents[2]
 PRESET_DIR = REPO / "configs" / "preset"
-_REMOTE_PREFIXES = ("hdfs://", "s3://", "gs://", "http://", "https://")
-_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+
+
+def _register_resolvers() -> None:
+    """`${repo_dir:}`: this repository's root, so default run folders do not depend on the cwd."""
+    if not OmegaConf.has_resolver("repo_dir"):
+        OmegaConf.register_new_resolver("repo_dir", lambda: str(REPO))
+
+
+_register_resolvers()
 
 
 def available_presets() -> list[str]:
@@ -38,37 +55,13 @@ def default_reward_path() -> str:
     return str(Path(verl_ext.__file__).resolve().parent / "reward.py")
 
 
-def check_model_path(path: str, key: str) -> None:
-    """A local model directory must exist; a hub id (`org/name`) is left to transformers."""
-    if path is None:
-        raise ValueError(f"{key} is not set: give a local model directory or a hub id such as Qwen/Qwen2.5-Math-7B")
-    if os.path.isdir(path) or path.startswith(_REMOTE_PREFIXES):
-        return
-    if os.path.isabs(path) or path.startswith(".") or not _HUB_ID.match(path):
-        raise FileNotFoundError(f"{key}={path!r}: no such model directory")
-
-
-def check_data_files(files, key: str) -> None:
-    """Every local parquet file must exist, and every row must carry a ground truth."""
-    import pyarrow.parquet as pq
-
-    for f in [files] if isinstance(files, str) else list(files):
-        if f.startswith(_REMOTE_PREFIXES):
-            continue
-        if not os.path.isfile(f):
-            raise FileNotFoundError(f"{key}: data file {f!r} does not exist")
-        table = pq.read_table(f, columns=["reward_model"])
-        for i, row in enumerate(table.column("reward_model").to_pylist()):
-            if not row or row.get("ground_truth") in (None, ""):
-                raise ValueError(f"{key}: {f} row {i} has no reward_model.ground_truth")
-
-
 def prepare_config(config: DictConfig) -> DictConfig:
     """Fill derived values and validate the composed config (raises before Ray starts)."""
     from verl.trainer.ppo.utils import need_critic, need_reference_policy
     from verl.utils.config import validate_config
 
     from verl_ext.policy_loss import LOSS_MODE, TRAINER_MODE, weighting_spec_from
+    from verl_ext.training_checks import check_training_config
     from verl_ext.weighting import WEIGHTING_SCHEMES
 
     with open_dict(config):
@@ -89,11 +82,7 @@ def prepare_config(config: DictConfig) -> DictConfig:
                 f"weighting=ppl needs the group-aware trainer: set trainer.use_v1=true and "
                 f"trainer.v1.trainer_mode={TRAINER_MODE} (got use_v1={config.trainer.use_v1}, mode={trainer_mode})"
             )
-    poll_s = config.get("replay_buffer_poll_s")
-    if poll_s is not None and (isinstance(poll_s, bool) or not isinstance(poll_s, (int, float)) or poll_s <= 0):
-        raise ValueError(
-            f"replay_buffer_poll_s={poll_s!r} is invalid; valid: a number of seconds > 0, or null (verl's 2 s)"
-        )
+    check_training_config(config)
     from verl_ext.vllm_cpu import rollout_problems
 
     problems = rollout_problems(config.actor_rollout_ref.rollout, config.actor_rollout_ref.model.path)
@@ -104,40 +93,170 @@ def prepare_config(config: DictConfig) -> DictConfig:
     return config
 
 
-def check_inputs(config: DictConfig) -> None:
-    check_model_path(config.actor_rollout_ref.model.path, "actor_rollout_ref.model.path")
-    check_data_files(config.data.train_files, "data.train_files")
-    check_data_files(config.data.val_files, "data.val_files")
+def check_inputs(config: DictConfig) -> list[str]:
+    """Model, checkpoint directory and data files (ConfigError); returns warnings (prompts verl will drop)."""
+    from verl_ext.training_checks import check_training_inputs
+
+    return check_training_inputs(config)
+
+
+def worker_warning_filters() -> str:
+    """PYTHONWARNINGS for Ray's workers: the user's filters, plus ignoring the UserWarnings of verl's
+    engine registry (optional engines absent), which each of the ~10 worker processes repeats five times."""
+    own = "ignore::UserWarning:verl.workers.engine"
+    user = os.environ.get("PYTHONWARNINGS", "")
+    return f"{user},{own}" if user else own
+
+
+def silence_harmless_warnings() -> None:
+    import warnings
+
+    for message in HARMLESS_WARNINGS:
+        warnings.filterwarnings("ignore", message=message)
 
 
 def run(config: DictConfig) -> None:
-    from verl.trainer.main_ppo import TaskRunnerV1, run_ppo
+    from verl_ext.training_checks import check_training_config
+
+    dry_run = bool(config.get("dry_run", False))
+    with exit_on_config_error(PROG, CONFIG_ERRORS):
+        check_training_config(config)  # first, before verl is imported (~10 s): bad values fail in a second
+    try:
+        warnings = check_inputs(config)
+    except CONFIG_ERRORS as err:
+        if not dry_run:
+            with exit_on_config_error(PROG, CONFIG_ERRORS):
+                raise
+        warnings = [f"a real run would stop here: {err}"]
+    silence_harmless_warnings()
+    if dry_run:
+        for warning in warnings:
+            print(f"[{PROG}] warning: {warning}", file=sys.stderr)
     from verl.utils.device import auto_set_device
 
     auto_set_device(config)
-    try:
+    with exit_on_config_error(PROG, CONFIG_ERRORS):
         prepare_config(config)
-    except (ValueError, FileNotFoundError) as err:
-        raise SystemExit(f"[dapo_reweight] config error: {err}") from None
-    if config.get("dry_run", False):
-        try:
-            check_inputs(config)
-        except (FileNotFoundError, ValueError) as err:
-            print(f"[dapo_reweight] warning: a real run would stop here: {err}")
+    with exit_on_config_error(PROG, CONFIG_ERRORS):
+        run_dir = absolute_run_dir(config)
+        recorded, current, decision = plan_launch(config, REPO)
+    if dry_run:
         print(OmegaConf.to_yaml(config, resolve=True))
-        print("[dapo_reweight] dry run: config composed and validated; Ray not started.")
+        print(f"[{PROG}] run directory {run_dir}: {decision.message}")
+        print(f"[{PROG}] dry run: config composed and validated; Ray not started.")
+        return
+    if decision.action == "refuse":
+        print(f"[{PROG}] error: {decision.message}", file=sys.stderr)
+        raise SystemExit(2)
+    if decision.action == "nothing_to_train":
+        print(f"[{PROG}] {decision.message}")
+        return
+    launch = {"time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "action": decision.action,
+              "changed": list(decision.changed)}
+    record, moved = start_launch(run_dir, recorded, current, decision, experiment=config.trainer.experiment_name,
+                                 launch=launch)
+    log = run_log.start(os.environ.get("LOG_DIR") or os.path.join(run_dir, "logs"), config.trainer.get("total_training_steps"))
+    try:
+        print(f"[{PROG}] run directory: {run_dir}")
+        print(f"[{PROG}] log: {log.path}")
+        print(f"[{PROG}] {decision.message}" + (f" (to {moved})" if moved else ""))
+        for change in decision.changed:
+            print(f"[{PROG}]   {change}")
+        for warning in warnings:
+            print(f"[{PROG}] warning: {warning}")
+        apply_launch(config, decision, record)
+        print("full config:\n" + OmegaConf.to_yaml(config, resolve=True), flush=True)
+        train(config)
+        print(run_summary(config))
+        merge_at_end(config)
+    except KeyboardInterrupt:
+        print(interrupted_message(config), flush=True)
+        stop_ray()
+        raise SystemExit(130) from None
+    except Exception:  # noqa: BLE001 - the traceback must reach the log file before it closes
+        traceback.print_exc()
+        stop_ray()
+        raise SystemExit(1) from None
+    finally:
+        stop_ray()  # before the log closes: Ray's last forwarded worker lines belong in it
+        print(f"[{PROG}] full log: {log.path}", flush=True)
+        log.close()
+
+
+def merge_at_end(config: DictConfig) -> None:
+    """The last checkpoint as a Hugging Face model (`run.merge_at_end`, FSDP checkpoints), with the
+    command that evaluates it."""
+    from verl_ext.merge import merge_checkpoint
+
+    strategy = config.actor_rollout_ref.actor.get("strategy", "fsdp")
+    if not (config.get("run") or {}).get("merge_at_end", True) or strategy not in ("fsdp", "fsdp2"):
         return
     try:
-        check_inputs(config)
-    except (ValueError, FileNotFoundError) as err:
-        raise SystemExit(f"[dapo_reweight] input error: {err}") from None
+        merged = merge_checkpoint(config.trainer.default_local_dir, quiet=True)
+    except ConfigError as err:
+        print(f"[{PROG}] warning: no merged model: {err}")
+        return
+    print(f"[{PROG}] merged model: {merged}")
+    print(f"[{PROG}] evaluate it: bash scripts/evaluate.sh model.path={config.trainer.default_local_dir}")
+
+
+def train(config: DictConfig) -> None:
+    """verl's own entry point (`run_ppo`) with the v1 or v0 task runner."""
+    from verl.trainer.main_ppo import TaskRunnerV1, run_ppo
+
     if config.trainer.use_v1:
         run_ppo(config, task_runner_class=TaskRunnerV1)
     else:
         from verl.trainer.main_ppo_v0 import TaskRunner
 
         run_ppo(config, task_runner_class=TaskRunner)
-    print(run_summary(config))
+
+
+def stop_ray() -> None:
+    """Shut down the Ray cluster this driver started (its workers with it); a joined cluster stays up."""
+    import ray
+
+    if ray.is_initialized():
+        ray.shutdown()
+
+
+def interrupted_message(config: DictConfig) -> str:
+    """What a Ctrl-C prints: where the run stands and the command that continues it."""
+    from verl_ext.run_dir import latest_checkpoint_step
+
+    run_dir = config.trainer.default_local_dir
+    step = latest_checkpoint_step(run_dir)
+    command = os.environ.get("RUN_COMMAND") or " ".join(["python -m recipe.dapo_reweight.main", *sys.argv[1:]])
+    saved = f"the last checkpoint is step {step}" if step is not None else "no checkpoint was saved yet"
+    return (
+        f"[{PROG}] interrupted; {saved} ({run_dir}). To resume, run the same command again:\n"
+        f"[{PROG}]   {command}"
+    )
+
+
+def absolute_run_dir(config: DictConfig) -> str:
+    """trainer.default_local_dir made absolute (against the launch's cwd), written back into the config,
+    so that checkpoints, run.json and logs land in one folder whatever the cwd of verl's workers."""
+    run_dir = str(config.trainer.default_local_dir)
+    if not run_dir.startswith(REMOTE_PREFIXES):
+        run_dir = os.path.abspath(os.path.expanduser(run_dir))
+        with open_dict(config):
+            config.trainer.default_local_dir = run_dir
+    return run_dir
+
+
+def apply_launch(config: DictConfig, decision: Decision, record: dict) -> None:
+    """What the resume decision changes in verl's config: wandb continues the run's recorded id
+    (WANDB_RUN_ID, WANDB_RESUME=allow, in this process and every Ray worker), and a resumed run does
+    not validate again before training (the checkpointed step's validation metrics stand). Every
+    worker also ignores the warnings verl repeats on each import (`worker_warning_filters`)."""
+    env = {"WANDB_RUN_ID": record["wandb_run_id"], "WANDB_RESUME": "allow", "PYTHONWARNINGS": worker_warning_filters()}
+    os.environ.update(env)
+    with open_dict(config):
+        ray_env = config.ray_kwargs.ray_init.setdefault("runtime_env", {}).setdefault("env_vars", {})
+        ray_env.update(env)
+        if decision.action == "resume":
+            config.trainer.val_before_train = False
 
 
 def run_summary(config: DictConfig) -> str:
@@ -164,11 +283,24 @@ def main(config: DictConfig) -> None:
     run(config)
 
 
+def verl_config_dir() -> Path:
+    """verl's own config folder, found without importing verl.
+
+    hydra's `pkg://verl.trainer.config` imports verl (~10 s, all of torch and Ray) just to compose the
+    config; a `file://` path to the same folder lets a bad setting fail in a second."""
+    import importlib.util
+
+    spec = importlib.util.find_spec("verl")
+    if spec is None or not spec.submodule_search_locations:
+        raise SystemExit(f"[{PROG}] error: verl is not installed; run `bash scripts/install.sh`")
+    return Path(next(iter(spec.submodule_search_locations))) / "trainer" / "config"
+
+
 def _add_preset_searchpath(argv: list[str]) -> list[str]:
     """Let `+preset=NAME` find configs/preset/NAME.yaml without the user naming the folder."""
     if any(a.startswith("hydra.searchpath") for a in argv):
         return argv
-    return argv + [f"hydra.searchpath=[pkg://verl.trainer.config,file://{REPO / 'configs'}]"]
+    return argv + [f"hydra.searchpath=[file://{verl_config_dir()},file://{REPO / 'configs'}]"]
 
 
 if __name__ == "__main__":

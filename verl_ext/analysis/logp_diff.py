@@ -857,6 +857,9 @@ def validate(cfg: DictConfig) -> None:
 
 def run(cfg: DictConfig) -> dict[str, Path]:
     """The whole analysis (see the module docstring); returns the report files."""
+    from verl_ext.merge import resolve_config_paths
+
+    resolve_config_paths(cfg, ("base_model", "rl_model", "tokenizer"))  # a training run's folder: its merged model
     validate(cfg)
     out = Path(cfg.output_dir).resolve()
     check_manifest(out, config_fingerprint(cfg), cfg.overwrite)

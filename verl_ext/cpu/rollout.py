@@ -21,8 +21,8 @@ timing-independent: `verl_ext.trainer`). Three pieces, registered with verl in
   server swaps them in atomically between batches.
 
 Why reruns are identical: every request samples from its own counter-based random stream
-(`verl_ext.decoding.rng`), keyed by verl's request id, the prompt and the sampling parameters
-(`_stream_id`), so a rerun draws the same responses for the same prompts even though requests
+(`verl_ext.decoding.rng`), keyed by the weights' version, verl's request id, the prompt and the
+sampling parameters (`_stream_id`), so a rerun, and a run resumed from a checkpoint, draws the same responses for the same prompts even though requests
 arrive, and are batched, in a different order. Every forward has one shape (width
 `rollout.prompt_length`, chunks of `deterministic_chunk_rows` rows) and eager attention
 (multi-threaded SDPA decoding on CPU depends on the other rows), so the log-probs, not only the
@@ -247,8 +247,12 @@ class HFRolloutServer:
         verl's synchronous agent loop names requests by their row ("det-<row>"), but the v1 trainer's
         TransferQueue loop passes no row, so every request there is "det-0": the prompt keeps distinct
         prompts apart whatever order they arrive in. Identical requests (the n samples of one prompt)
-        are exchangeable: which of them gets which stream changes no group's set of responses."""
-        key = f"{request_id}|{','.join(map(str, prompt_ids))}|{spec!r}"
+        are exchangeable: which of them gets which stream changes no group's set of responses.
+
+        The weights' version (`global_steps` of the last weight push) is part of the key and the counts
+        restart with every version, so a run resumed from step N (whose first push is version N) draws
+        what the uninterrupted run drew after its step N, not what it drew at step 0."""
+        key = f"v{self.global_steps}|{request_id}|{','.join(map(str, prompt_ids))}|{spec!r}"
         occurrence = self._request_counts[key]
         self._request_counts[key] += 1
         return stable_stream_id(f"{key}#{occurrence}")
@@ -343,12 +347,18 @@ class HFRolloutServer:
                 for name, tensor in staged.items():
                     params[name].copy_(tensor)
         if global_steps is not None:
-            self.global_steps = global_steps
+            self._set_version(global_steps)
         self.stats["weight_updates"] += 1
         return len(staged)
 
     async def set_global_steps(self, global_steps: int) -> None:
-        self.global_steps = global_steps
+        self._set_version(global_steps)
+
+    def _set_version(self, global_steps: int) -> None:
+        """The weights' version; a new one restarts the request counts (see `_stream_id`)."""
+        if global_steps != self.global_steps:
+            self.global_steps = global_steps
+            self._request_counts.clear()
 
     def get_stats(self) -> dict:
         return dict(self.stats)

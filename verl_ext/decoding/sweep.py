@@ -593,6 +593,9 @@ def check_resumable(out_dir: Path, cfg: DictConfig) -> None:
 def run(cfg: DictConfig) -> list[dict]:
     from tqdm import tqdm
 
+    from verl_ext.merge import resolve_config_paths
+
+    resolve_config_paths(cfg, ("models.base", "models.rl", "models.tokenizer"))  # a training run's folder: its merged model
     validate(cfg)
     out_dir = Path(cfg.output_dir)
     out_dir.mkdir(parents=True, exist_ok=True)

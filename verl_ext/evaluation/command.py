@@ -243,9 +243,11 @@ def generate_records(cfg: DictConfig) -> list[dict]:
 
 def run(cfg: DictConfig) -> dict:
     """Generate (mode generate) or read (mode grade) generations, grade, aggregate, write; returns the table."""
+    from verl_ext.merge import resolve_config_paths
     from verl_ext.reward import configure_grader
 
     apply_tiny_defaults(cfg)
+    resolve_config_paths(cfg, ("model.path", "model.tokenizer"))  # a training run's folder: its merged model
     mode = validate(cfg)
     output_dir = Path(cfg.output_dir)
     if mode == "generate":
