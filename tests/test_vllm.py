@@ -154,20 +154,22 @@ def test_rollout_settings_that_fail_on_cpu_are_named_before_ray(assets, tmp_path
     from verl_ext.vllm_cpu import rollout_problems
 
     ok = {"name": "vllm", "enable_sleep_mode": False, "full_determinism": False}
-    assert rollout_problems(ok, str(assets.model_dir)) == []
-    problems = rollout_problems({"name": "vllm"}, str(assets.model_dir))
+    assert rollout_problems(ok, str(assets.model_dir), on_cpu=True) == []
+    problems = rollout_problems({"name": "vllm"}, str(assets.model_dir), on_cpu=True)
     assert problems == ["actor_rollout_ref.rollout.enable_sleep_mode=true: vLLM refuses sleep mode on CPU; set it to false"]
-    assert "batch-invariant" in rollout_problems({**ok, "full_determinism": True}, str(assets.model_dir))[0]
+    assert "batch-invariant" in rollout_problems({**ok, "full_determinism": True}, str(assets.model_dir), on_cpu=True)[0]
     config = json.loads((assets.model_dir / "config.json").read_text())
     (tmp_path / "config.json").write_text(json.dumps({**config, "num_attention_heads": 4, "num_key_value_heads": 2}))
-    (problem,) = rollout_problems(ok, str(tmp_path))
+    (problem,) = rollout_problems(ok, str(tmp_path), on_cpu=True)
     assert "has head_dim 16, which vLLM's CPU attention does not support (supported: 32, 64" in problem
     needs = (
         "actor_rollout_ref.rollout.name=hf_reproducible needs actor_rollout_ref.rollout.full_determinism=true "
         "(what makes reruns identical)"
     )
-    assert rollout_problems({"name": "hf_reproducible"}, str(assets.model_dir)) == [needs]
-    assert rollout_problems({"name": "hf_reproducible", "full_determinism": True}, str(assets.model_dir)) == []
+    assert rollout_problems({"name": "hf_reproducible"}, str(assets.model_dir), on_cpu=True) == [needs]
+    assert rollout_problems({"name": "hf_reproducible", "full_determinism": True}, str(assets.model_dir), on_cpu=True) == []
+    # a GPU run (composed here, e.g. DRY_RUN=1 of a GPU preset): the CPU build's limits do not apply
+    assert rollout_problems({"name": "vllm", "full_determinism": True}, str(tmp_path), on_cpu=False) == []
 
 
 # ----------------------------------------------------------------------------- the commands, as a user runs them

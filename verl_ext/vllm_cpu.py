@@ -96,7 +96,7 @@ def supported_head_sizes() -> tuple[int, ...]:
 
 def head_dim_problem(model_path: str | os.PathLike, key: str) -> str | None:
     """Why vLLM's CPU attention would reject the model at `key`, or None when it accepts it (or we cannot tell)."""
-    head_dim = model_head_dim(model_path)
+    head_dim = model_head_dim(model_path) if model_path else None
     if head_dim is None:
         return None
     sizes = supported_head_sizes()
@@ -108,19 +108,20 @@ def head_dim_problem(model_path: str | os.PathLike, key: str) -> str | None:
     )
 
 
-def rollout_problems(rollout, model_path: str, key: str = "actor_rollout_ref.rollout") -> list[str]:
+def rollout_problems(rollout, model_path: str, on_cpu: bool, key: str = "actor_rollout_ref.rollout") -> list[str]:
     """Rollout settings that would fail later inside Ray (or hang there), each as a one-line message.
 
-    `vllm`: vLLM must be installed; on its CPU build, sleep mode and full_determinism must be off
-    and the model's head_dim one that the CPU attention accepts. `hf_reproducible` (bit-identical
-    CPU reruns) needs full_determinism on, which also makes the trainer's batches reproducible.
+    `vllm`: vLLM must be installed; for a CPU run (`trainer.device=cpu`, vLLM's CPU build) sleep mode
+    and full_determinism must be off and the model's head_dim one that the CPU attention accepts.
+    `hf_reproducible` (bit-identical CPU reruns) needs full_determinism on, which also makes the
+    trainer's batches reproducible.
     """
     name = rollout.get("name")
     problems = []
     if name == "vllm":
         if not vllm_importable() or vllm_distribution_version() is None:
             return [f"{key}.name=vllm needs vLLM ({installed_vllm()}): {INSTALL_HINT}"]
-        if not is_cpu_build():
+        if not (on_cpu and is_cpu_build()):
             return []
         if rollout.get("enable_sleep_mode", True):
             problems.append(f"{key}.enable_sleep_mode=true: vLLM refuses sleep mode on CPU; set it to false")

@@ -85,7 +85,9 @@ def prepare_config(config: DictConfig) -> DictConfig:
     check_training_config(config)
     from verl_ext.vllm_cpu import rollout_problems
 
-    problems = rollout_problems(config.actor_rollout_ref.rollout, config.actor_rollout_ref.model.path)
+    # the model path may name an env variable only the launch script sets: unresolved, the head_dim check waits
+    model_path = OmegaConf.select(config, "actor_rollout_ref.model.path", throw_on_resolution_failure=False)
+    problems = rollout_problems(config.actor_rollout_ref.rollout, model_path, on_cpu=config.trainer.device == "cpu")
     if problems:
         raise ValueError("; ".join(problems))
     # verl's own validation, which also builds the actor dataclasses (our weighting checks).
