@@ -399,6 +399,8 @@ def test_tail_fractions_and_bins_by_hand():
     assert row["count"] == len(low)
     assert row.mean_p_base == pytest.approx(np.exp(low.logp_base).mean())
     assert row.mean_p_rl == pytest.approx(np.exp(low.logp_rl).mean())
+    p = np.exp(low.logp_base.to_numpy())
+    assert row.se_p_base == pytest.approx(math.sqrt(((p - p.mean()) ** 2).sum() / (len(p) - 1) / len(p)))
     with pytest.raises(ValueError, match="strictly increasing"):
         report.probability_by_delta_bins(df, [0.0, 0.0])
 

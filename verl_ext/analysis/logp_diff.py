@@ -717,6 +717,29 @@ def read_token_metrics(out: Path):
     return pa.concat_tables([pq.read_table(f) for f in files]).to_pandas()
 
 
+def _short(name) -> str:
+    """A model or data name as a figure shows it: a local path by its last folder/file, a hub id as given."""
+    path = Path(str(name))
+    return path.name if path.exists() or path.is_absolute() else str(name)
+
+
+def figure_caption(cfg: DictConfig, df) -> str:
+    """What every analysis figure says about itself: the two models, the data and the sample size. The
+    tiny default's RL model is a randomly perturbed copy of the base, and the caption says so."""
+    base = _short(cfg.base_model) if cfg.base_model else "tiny base model"
+    if cfg.rl_model:
+        rl = _short(cfg.rl_model)
+    else:
+        rl = f"STAND-IN (not RL-trained: π_B + {cfg.tiny_rl_perturbation.scale:g}·std·noise)"
+    if cfg.input.source == "sample":
+        data = _short(cfg.input.prompts) if cfg.input.prompts else "tiny arithmetic validation prompts"
+        size = f"{df['prompt_index'].nunique()} prompts × {cfg.sampling.n} samples per generator"
+        sampling = f"T={cfg.sampling.temperature:g}, top-p={cfg.sampling.top_p:g}"
+        return f"π_B = {base}, π_RL = {rl}; {data}, {size} ({sampling})"
+    data = ", ".join(_short(f["path"]) for f in cfg.input.files)
+    return f"π_B = {base}, π_RL = {rl}; responses from {data} ({df['response_id'].nunique()} responses)"
+
+
 def write_report(cfg: DictConfig, out: Path) -> dict[str, Path]:
     """Plots, tables and summary from the token shards; returns the written files by name."""
     import pandas as pd
@@ -726,10 +749,13 @@ def write_report(cfg: DictConfig, out: Path) -> dict[str, Path]:
     df = read_token_metrics(out)
     r = cfg.report
     files: dict[str, Path] = {}
-    files["histograms"] = plots.plot_metric_histograms(df, out / "histograms.png", bins=r.histogram_bins)
+    caption = figure_caption(cfg, df)
+    files["histograms"] = plots.plot_metric_histograms(df, out / "histograms.png", bins=r.histogram_bins,
+                                                       caption=caption)
     bins = report.probability_by_delta_bins(df, list(r.delta_bin_edges))
     bins.to_csv(out / "prob_by_delta_bin.csv", index=False)
-    files["prob_by_delta_bin"] = plots.plot_probability_by_delta_bins(bins, out / "prob_by_delta_bin.png")
+    files["prob_by_delta_bin"] = plots.plot_probability_by_delta_bins(bins, out / "prob_by_delta_bin.png",
+                                                                      caption=caption)
     files["prob_by_delta_bin_csv"] = out / "prob_by_delta_bin.csv"
     up, down = report.top_tokens(df, r.top_k, r.min_token_count)
     for name, table in (("top_tokens_up", up), ("top_tokens_down", down)):

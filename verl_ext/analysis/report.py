@@ -92,7 +92,9 @@ def probability_by_delta_bins(df: pd.DataFrame, edges: Sequence[float]) -> pd.Da
     """Mean π_B(y_t) = exp(logp_base) and π_RL(y_t) of the tokens in each Δlog p bin, per generator.
 
     Bins are [edges[i], edges[i+1]); values outside [edges[0], edges[-1]) go to the first/last bin
-    (so every token is counted). Returns generator, bin_left, bin_right, count, mean_p_base, mean_p_rl.
+    (so every token is counted). Returns generator, bin_left, bin_right, count, mean_p_base, mean_p_rl
+    and their standard errors se_p_base, se_p_rl = s / √n (s the sample standard deviation, ddof 1;
+    NaN below 2 tokens). Tokens of one response are not independent: the error bars are a lower bound.
     """
     edges = np.asarray(edges, dtype=np.float64)
     if edges.ndim != 1 or edges.size < 2 or not np.all(np.diff(edges) > 0):
@@ -113,6 +115,8 @@ def probability_by_delta_bins(df: pd.DataFrame, edges: Sequence[float]) -> pd.Da
                     "count": n,
                     "mean_p_base": float(pb[sel].mean()) if n else math.nan,
                     "mean_p_rl": float(pr[sel].mean()) if n else math.nan,
+                    "se_p_base": float(pb[sel].std(ddof=1) / math.sqrt(n)) if n > 1 else math.nan,
+                    "se_p_rl": float(pr[sel].std(ddof=1) / math.sqrt(n)) if n > 1 else math.nan,
                 }
             )
     return pd.DataFrame(rows)
