@@ -423,3 +423,32 @@ def test_curves_have_one_series_per_label_across_gammas_and_seeds():
                     ("π_Extra (γ=0.1)", pytest.approx(55.0), "black")]
     replace = [{**r, "gamma": 0.0} for r in rows if r["gamma"] == 0.05]
     assert [label for label, _, _ in sweep.curves(replace)[1]] == ["π_B (base)", "π_RL"]
+
+
+# ----------------------------------------------------------------------------- figure: errors, references, caption
+
+
+def test_accuracy_standard_error_and_the_pi_rl_reference(tmp_path):
+    import math
+    import statistics
+
+    # 3 problems x 4 samples: correct fractions 1/4, 2/4, 4/4 -> SE = stdev / sqrt(3)
+    rows = [
+        {"run": "r", "criterion": "delta_logp", "threshold": -0.1, "gamma": 0.1, "seed": 0, "data_source": "d",
+         "prompt_id": p, "correct": i < c, "replace_ratio": 0.1, "response_length": 5}
+        for p, c in (("a", 1), ("b", 2), ("c", 4)) for i in range(4)
+    ]
+    (row,) = sweep.summarize(rows, [])
+    fractions = [0.25, 0.5, 1.0]
+    assert row["accuracy"] == pytest.approx(sum(fractions) / 3)
+    assert row["accuracy_se"] == pytest.approx(statistics.stdev(fractions) / math.sqrt(3))
+    # two seeds: the conservative mean of their errors, in %, keyed like the curves' labels
+    second = {**row, "seed": 1, "accuracy_se": 0.1}
+    assert sweep.curve_errors([row, second]) == {"delta_logp": [pytest.approx(100 * (row["accuracy_se"] + 0.1) / 2)]}
+
+    # an extrapolation sweep also runs π_RL itself (π_Extra at γ = 0), once per seed
+    cfg = make_cfg(tmp_path, "sweep.gammas=[0.05,0.1]", config="extrapolation")
+    runs = sweep.plan_runs(cfg)
+    assert [(r.criterion, r.gamma) for r in runs if r.criterion == "all"] == [("all", 0.05), ("all", 0.0), ("all", 0.1)]
+    caption = sweep.sweep_caption(cfg, [row])
+    assert "STAND-IN" in caption and "3 problems × 4 samples × 1 seed(s)" in caption

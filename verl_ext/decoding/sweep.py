@@ -29,6 +29,7 @@ from __future__ import annotations
 import io
 import json
 import math
+import statistics
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -105,6 +106,8 @@ def plan_runs(cfg: DictConfig, calibrated: dict[str, list[float]] | None = None)
         for gamma in gammas:
             if cfg.sweep.baselines:
                 runs += [RunSpec(c, t, gamma, seed) for c, t in BASELINES]
+                if gamma != 0.0:  # π_RL itself (π_Extra at γ = 0): the reference extrapolation must beat
+                    runs.append(RunSpec("all", 0.0, 0.0, seed))
             for name, taus in thresholds.items():
                 runs += [RunSpec(name, float(t), gamma, seed) for t in taus]
     return list(dict.fromkeys(runs))
@@ -348,7 +351,9 @@ def calibrate(cfg: DictConfig, executor, out_dir: Path) -> dict[str, list[float]
 
 
 def summarize(rows, pass_ks: list[int]) -> list[dict]:
-    """One row per run: Avg@n, Pass@k, replace ratio (mean of per-response ratios), length."""
+    """One row per run: Avg@n, Pass@k, replace ratio (mean of per-response ratios), length, and
+    accuracy_se = s/√P, s the sample standard deviation (ddof 1) over the P problems of each
+    problem's correct fraction c/n (NaN for one problem): the standard error of Avg@n over problems."""
     import pandas as pd
 
     from verl_ext.evaluation.metrics import mean_avg_at_k, mean_pass_at_k
@@ -363,6 +368,8 @@ def summarize(rows, pass_ks: list[int]) -> list[dict]:
             "run": run, "criterion": first["criterion"], "threshold": float(first["threshold"]),
             "gamma": float(first["gamma"]), "seed": int(first["seed"]), "num_problems": len(counts),
             "samples_per_problem": n, "accuracy": mean_avg_at_k(counts, n),
+            "accuracy_se": statistics.stdev(c / m for m, c in counts) / math.sqrt(len(counts))
+            if len(counts) > 1 else math.nan,
             "replace_ratio": float(g["replace_ratio"].mean()), "mean_response_length": float(g["response_length"].mean()),
         }
         for k in pass_ks:
@@ -372,14 +379,40 @@ def summarize(rows, pass_ks: list[int]) -> list[dict]:
     return out
 
 
+def _curve_table(summary: list[dict]):
+    """Seeds averaged per (criterion, τ, γ): accuracy, replace ratio, and accuracy_se = the mean of the
+    seeds' standard errors (seeds share the problems, so their errors are not independent: the mean
+    is the conservative choice, exact when they are fully correlated)."""
+    import pandas as pd
+
+    df = pd.DataFrame(summary)
+    if "accuracy_se" not in df:
+        df["accuracy_se"] = math.nan
+    return df.groupby(["criterion", "threshold", "gamma"], as_index=False)[
+        ["accuracy", "replace_ratio", "accuracy_se"]].mean()
+
+
+def curve_errors(summary: list[dict]) -> dict[str, list[float]]:
+    """Standard errors (accuracy in %) of what `curves` draws, by label: per point of a line, one for a level."""
+    df = _curve_table(summary)
+    several_gammas = df["gamma"].nunique() > 1
+    out: dict[str, list[float]] = {}
+    for (name, gamma), g in df[~df["criterion"].isin(["none", "all"])].groupby(["criterion", "gamma"]):
+        out[f"{name} (γ={gamma:g})" if several_gammas else name] = (100 * g.sort_values("replace_ratio")["accuracy_se"]).tolist()
+    base = df[df["criterion"] == "none"]
+    if len(base):
+        out["π_B (base)"] = [float(100 * base["accuracy_se"].mean())]
+    for gamma, g in df[df["criterion"] == "all"].groupby("gamma"):
+        out["π_RL" if gamma == 0 else f"π_Extra (γ={gamma:g})"] = [float(100 * g["accuracy_se"].mean())]
+    return out
+
+
 def curves(summary: list[dict]) -> tuple[list[tuple[str, list[float], list[float]]], list[tuple[str, float, str]]]:
     """What the accuracy-vs-replace-ratio plots show, seeds averaged, accuracy in %: one
     (label, replace ratios, accuracies) line per criterion (× γ), and one (label, accuracy, colour)
     reference level per baseline (π_B = `none`; `all` = π_RL, or π_Extra per γ > 0)."""
-    import pandas as pd
 
-    df = pd.DataFrame(summary)
-    df = df.groupby(["criterion", "threshold", "gamma"], as_index=False)[["accuracy", "replace_ratio"]].mean()
+    df = _curve_table(summary)
     several_gammas = df["gamma"].nunique() > 1
     lines = []
     for (name, gamma), g in df[~df["criterion"].isin(["none", "all"])].groupby(["criterion", "gamma"]):
@@ -396,29 +429,67 @@ def curves(summary: list[dict]) -> tuple[list[tuple[str, list[float], list[float
     return lines, refs
 
 
-def plot_curves(summary: list[dict], path: Path, title: str) -> None:
-    """Accuracy vs replace ratio, one line per criterion (× γ), seeds averaged; π_B / π_RL dashed."""
+REFERENCE_STYLES = {"π_B (base)": ("tab:gray", "--"), "π_RL": ("black", "-")}
+EXTRA_COLOURS = ("tab:purple", "tab:brown", "tab:olive", "tab:cyan", "tab:pink")
+
+
+def plot_curves(summary: list[dict], path: Path, title: str, caption: str = "") -> None:
+    """Accuracy vs replace ratio, one line per criterion (× γ) with 95% error bars (±1.96 SE over
+    problems, seeds averaged); π_B, π_RL and each π_Extra as a level in its own style, its 95% interval
+    in the right margin. The y label carries Avg@n's n; `caption` (models, data, sample size) under the title."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.transforms import blended_transform_factory
 
     lines, refs = curves(summary)
-    fig, ax = plt.subplots(figsize=(6, 4.2))
-    for label, xs, ys in lines:
-        ax.plot(xs, ys, marker="o", label=label)
-    for label, level, color in refs:
-        ax.axhline(level, ls="--", color=color, lw=1, label=label)
-    ax.set_xlabel("replace ratio")
-    ax.set_ylabel("accuracy (Avg@n, %)")
-    ax.set_title(title)
+    errors = curve_errors(summary)
+    n = min(int(r["samples_per_problem"]) for r in summary) if summary and "samples_per_problem" in summary[0] else None
+    fig, ax = plt.subplots(figsize=(7, 4.8))
+    # later lines dashed with hollow markers, so a line that coincides with an earlier one stays visible
+    for i, (label, xs, ys) in enumerate(lines):
+        ax.errorbar(xs, ys, yerr=[1.96 * e for e in errors.get(label, [math.nan] * len(ys))],
+                    marker="osD^v<>ph*"[i % 10], linestyle=("-", "--", "-.", ":")[i % 4], capsize=3,
+                    linewidth=2.2 if i == 0 else 1.3, markersize=7 if i == 0 else 5,
+                    markerfacecolor=None if i == 0 else "none", label=label)
+    # reference levels: a line across, and its 95% interval as an error bar in the right margin
+    margin = blended_transform_factory(ax.transAxes, ax.transData)
+    extra = iter(EXTRA_COLOURS * 4)
+    for i, (label, level, _) in enumerate(refs):
+        colour, style = REFERENCE_STYLES.get(label) or (next(extra), ":")
+        ax.axhline(level, ls=style, color=colour, lw=1.3, label=label)
+        se = errors.get(label, [math.nan])[0]
+        if math.isfinite(se):
+            ax.errorbar(1.015 + 0.02 * i, level, yerr=1.96 * se, color=colour, capsize=2, lw=1.2, transform=margin,
+                        clip_on=False)
+    ax.set_xlabel("replace ratio (share of tokens resampled)")
+    ax.set_ylabel(f"accuracy (Avg@{n}, %)" if n else "accuracy (%)")
+    ax.set_title(title + (f"\n{caption}" if caption else ""), fontsize=9 if caption else 11)
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
+    ax.legend(fontsize=8, loc="center left", bbox_to_anchor=(1.02 + 0.02 * len(refs), 0.5), frameon=False)
     fig.tight_layout()
     buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=130)
+    fig.savefig(buf, format="png", dpi=130, bbox_inches="tight")
     plt.close(fig)
     atomic_write_bytes(path, buf.getvalue())
+
+
+def sweep_caption(cfg: DictConfig, summary: list[dict]) -> str:
+    """Models, data and sample size of a sweep's figure; says so when π_RL is the tiny default's stand-in."""
+    m = cfg.models
+    base = Path(str(m.base)).name if m.base else "tiny base model"
+    if m.rl:
+        rl = Path(str(m.rl)).name
+    elif not m.base:
+        rl = f"STAND-IN (not RL-trained: π_B + {m.tiny_rl_noise:g}·std·noise)"
+    else:
+        rl = "?"
+    data = ", ".join(Path(str(f)).stem for f in cfg.data.files) if cfg.data.files else "tiny arithmetic validation set"
+    problems = max((int(r["num_problems"]) for r in summary), default=0)
+    samples = min((int(r["samples_per_problem"]) for r in summary), default=0)
+    return (f"π_B = {base}, π_RL = {rl}\n{data}: {problems} problems × {samples} samples × {len(cfg.seeds)} seed(s); "
+            f"error bars: 95% CI over problems (levels: right margin)")
 
 
 # ----------------------------------------------------------------------------- wandb
@@ -624,7 +695,7 @@ def run(cfg: DictConfig) -> list[dict]:
     summary = summarize(rows, list(cfg.pass_ks))
     write_parquet(out_dir / "results.parquet", summary)
     atomic_write_bytes(out_dir / "results.json", json.dumps(summary, indent=1).encode())
-    plot_curves(summary, out_dir / "accuracy_vs_replace_ratio.png", cfg.plot_title)
+    plot_curves(summary, out_dir / "accuracy_vs_replace_ratio.png", cfg.plot_title, sweep_caption(cfg, summary))
     log_to_wandb(cfg, summary, out_dir / "accuracy_vs_replace_ratio.png")
     for row in summary:
         print(f"[sweep] {row['run']}: accuracy={row['accuracy']:.4f} replace_ratio={row['replace_ratio']:.4f}")
