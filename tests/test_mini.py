@@ -32,6 +32,58 @@ def test_difference_verdict_uses_two_standard_errors():
         claims.difference_verdict(0.5, 0, 0.4, 10)
 
 
+def test_paired_bootstrap_on_known_inputs():
+    import numpy as np
+
+    # a constant difference has a degenerate interval at that value
+    assert claims.paired_bootstrap(np.full((2, 10), 0.25)) == pytest.approx((0.25, 0.25, 0.25))
+    # one seed: the bootstrap over problems approaches mean ± 1.96 s/√P for many problems
+    d = np.random.default_rng(1).normal(0.05, 0.3, size=(1, 900))
+    mean, low, high = claims.paired_bootstrap(d, resamples=8000)
+    half = 1.96 * d.std(ddof=1) / math.sqrt(d.size)
+    assert mean == pytest.approx(d.mean())
+    assert low == pytest.approx(mean - half, abs=0.15 * half) and high == pytest.approx(mean + half, abs=0.15 * half)
+    # seeds differ, problems do not: the interval spans the seeds' range (draws of 2 seeds: 0.1, 0.2 or 0.3)
+    two = np.array([[0.1] * 8, [0.3] * 8])
+    assert claims.paired_bootstrap(two) == pytest.approx((0.2, 0.1, 0.3))
+    with pytest.raises(ValueError, match="at least 2 problems"):
+        claims.paired_bootstrap([[0.1]])
+    with pytest.raises(ValueError, match="finite"):
+        claims.paired_bootstrap([[0.1, math.nan]])
+
+
+def test_paired_accuracy_claim_follows_the_interval():
+    base = [[0.2, 0.4, 0.6, 0.3]]  # one row: broadcast to every seed
+    better = [[0.5, 0.7, 0.9, 0.6], [0.6, 0.8, 0.9, 0.5]]
+    v = claims.paired_accuracy_claim("c", "rl", better, "base", base)
+    assert v.status == claims.REPRODUCED and "2 training seed(s) × 4 problems" in v.evidence
+    assert claims.paired_accuracy_claim("c", "base", base, "rl", better[:1]).status == claims.CONTRADICTED
+    noisy = [[0.5, 0.1, 0.7, 0.2]]  # +0.3, −0.3, +0.1, −0.1: the interval contains 0
+    assert claims.paired_accuracy_claim("c", "x", noisy, "base", base).status == claims.INCONCLUSIVE
+    assert [claims.interval_status(*b) for b in ((0.1, 0.2), (-0.2, -0.1), (-0.1, 0.1))] == [
+        claims.REPRODUCED, claims.CONTRADICTED, claims.INCONCLUSIVE]
+
+
+def test_extrapolation_gamma_is_chosen_on_one_half_and_scored_on_the_other():
+    import pandas as pd
+
+    from verl_ext.mini.report import extrapolation_claim
+
+    def rows(run, criterion, gamma, correct_by_problem):
+        return [{"run": run, "criterion": criterion, "threshold": -0.3, "gamma": gamma, "problem_index": p,
+                 "correct": c} for p, cs in enumerate(correct_by_problem) for c in cs]
+
+    # 8 problems x 2 samples. γ=0.1 is best on the even problems (the choosing half) only;
+    # γ=0.5 is best on the odd ones. The claim must pick γ=0.1 and score it on the odd problems.
+    rl = rows("rl", "all", 0.0, [[1, 0]] * 8)
+    g1 = rows("g1", "delta_logp", 0.1, [[1, 1], [0, 0]] * 4)
+    g5 = rows("g5", "delta_logp", 0.5, [[0, 0], [1, 1]] * 4)
+    v = extrapolation_claim(pd.DataFrame(rl + g1 + g5))
+    assert "γ=0.1" in v.evidence and "chosen on 4 problems, scored on 4 others" in v.evidence
+    assert v.status == claims.CONTRADICTED  # γ=0.1 scores 0 on the odd problems vs π_RL's 0.5
+    assert extrapolation_claim(pd.DataFrame(g1 + g5)).status == claims.INCONCLUSIVE  # no π_RL run
+
+
 def _row(criterion, ratio, acc, n=50, k=8):
     return {
         "criterion": criterion,
@@ -92,6 +144,8 @@ def _cfg(*overrides):
         ("schemes=[]", "schemes is empty"),
         ("redo=[trian]", "unknown stage 'trian'; valid stages: base, data, train"),
         ("analysis.rl_scheme=ppl", "analysis.rl_scheme='ppl' is not trained"),
+        ("seeds=[]", "seeds=[]: give a non-empty list of distinct integers"),
+        ("seeds=[1,1]", "seeds=[1, 1]: give a non-empty list of distinct integers"),
     ],
 )
 def test_bad_settings_are_named(override, message):
@@ -168,7 +222,7 @@ def test_smoke_pipeline_runs_every_stage_and_reports(tmp_path):
     assert all(v["status"] in (claims.REPRODUCED, claims.CONTRADICTED, claims.INCONCLUSIVE) for v in verdicts)
     weights = {}
     for scheme in ("none", "lowprob"):
-        metrics = read_metrics(out / "train" / scheme / "metrics.jsonl")
+        metrics = read_metrics(out / "train" / f"{scheme}-seed0" / "metrics.jsonl")
         assert [s for s, _ in metrics["actor/grad_norm"]] == [1, 2]
         weights[scheme] = [w for _, w in metrics["actor/reweight/weight_mean"]]
     assert weights["none"] == [1.0, 1.0] and all(1.0 < w <= 1.2 for w in weights["lowprob"])  # Eq. 8, α=0.2

@@ -1,15 +1,25 @@
 """Verdicts on the paper's claims from the miniature's numbers: small pure functions.
 
-A difference of two accuracies counts only when it exceeds `Z` standard errors of the
-difference, SE = sqrt(p1(1−p1)/n1 + p2(1−p2)/n2) over the graded responses (samples of one
-problem are correlated, so this SE is optimistic and the verdicts lean towards "reproduced";
-the report says so). Otherwise the verdict is "inconclusive".
+Accuracy claims (RL beats the base, a weighting beats plain DAPO, extrapolation beats π_RL) rest
+on a paired 95% interval of the accuracy difference (`paired_bootstrap`): per training seed s and
+problem p, d[s, p] = acc_new[s, p] − acc_ref[s, p] (each a problem's fraction of correct samples,
+the same problems and sampling seeds on both sides); the interval resamples seeds, then problems,
+with replacement (a two-stage bootstrap: both the training run and the choice of problems vary;
+samples of one problem stay together, so their correlation is respected). The verdict follows
+from the interval (`interval_status`): above 0 reproduced, below 0 the opposite, else
+inconclusive at this power.
+
+`difference_verdict` (used by the identification claim, which compares sweep rows) counts a
+difference when it exceeds `Z` standard errors, SE = sqrt(p1(1−p1)/n1 + p2(1−p2)/n2) over graded
+responses; samples of one problem are correlated, so this SE is optimistic.
 """
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+
+import numpy as np
 
 Z = 2.0
 REPRODUCED, CONTRADICTED, INCONCLUSIVE = "reproduced", "not reproduced (opposite)", "inconclusive"
@@ -35,13 +45,48 @@ def difference_verdict(p_new: float, n_new: int, p_ref: float, n_ref: int, z: fl
     return INCONCLUSIVE, diff, se
 
 
-def accuracy_claim(claim: str, new: tuple[str, float, int], ref: tuple[str, float, int]) -> Verdict:
-    """`new` = (name, accuracy, graded responses) should beat `ref`."""
-    status, diff, se = difference_verdict(new[1], new[2], ref[1], ref[2])
+def paired_bootstrap(diffs, resamples: int = 4000, level: float = 0.95, seed: int = 0) -> tuple[float, float, float]:
+    """(mean, low, high): the mean of d[s, p] (seeds × problems) and its `level` percentile interval
+    from `resamples` two-stage bootstrap draws: S seeds drawn with replacement, then P problems drawn
+    with replacement (the same problems for every drawn seed: a problem's difficulty is shared across
+    training runs), mean of the drawn cells. One seed: a bootstrap over problems alone."""
+    d = np.asarray(diffs, dtype=np.float64)
+    if d.ndim != 2 or d.shape[0] < 1 or d.shape[1] < 2 or not np.isfinite(d).all():
+        raise ValueError(f"need a finite seeds × problems array with at least 2 problems, got shape {d.shape}")
+    if not 0 < level < 1:
+        raise ValueError(f"level={level} must be in (0, 1)")
+    rng = np.random.default_rng(seed)
+    n_seeds, n_problems = d.shape
+    seeds = rng.integers(0, n_seeds, size=(resamples, n_seeds))
+    problems = rng.integers(0, n_problems, size=(resamples, n_problems))
+    means = d[seeds[:, :, None], problems[:, None, :]].mean(axis=(1, 2))
+    tail = (1 - level) / 2
+    low, high = np.quantile(means, [tail, 1 - tail])
+    return float(d.mean()), float(low), float(high)
+
+
+def interval_status(low: float, high: float) -> str:
+    """REPRODUCED when the whole interval of new − ref is above 0, CONTRADICTED when below, else INCONCLUSIVE."""
+    if low > 0:
+        return REPRODUCED
+    if high < 0:
+        return CONTRADICTED
+    return INCONCLUSIVE
+
+
+def paired_accuracy_claim(claim: str, new: str, new_acc, ref: str, ref_acc, level: float = 0.95) -> Verdict:
+    """`new_acc` and `ref_acc`: seeds × problems fractions correct (a reference that does not depend on
+    the training seed, e.g. the base model, broadcasts from one row). The verdict follows from the
+    paired interval of the difference; the evidence gives every seed's accuracies."""
+    new_acc, ref_acc = np.atleast_2d(np.asarray(new_acc, np.float64)), np.atleast_2d(np.asarray(ref_acc, np.float64))
+    ref_acc = np.broadcast_to(ref_acc, new_acc.shape)
+    mean, low, high = paired_bootstrap(new_acc - ref_acc, level=level)
+    per_seed = ", ".join(f"{100 * a:.1f} vs {100 * b:.1f}" for a, b in zip(new_acc.mean(1), ref_acc.mean(1)))
     evidence = (
-        f"{new[0]} {100 * new[1]:.1f}% vs {ref[0]} {100 * ref[1]:.1f}% (Δ {100 * diff:+.1f} pts, SE {100 * se:.1f})"
+        f"{new} − {ref}: {100 * mean:+.1f} pts, {level:.0%} CI [{100 * low:+.1f}, {100 * high:+.1f}] over "
+        f"{new_acc.shape[0]} training seed(s) × {new_acc.shape[1]} problems (per seed, %: {per_seed})"
     )
-    return Verdict(claim, status, evidence)
+    return Verdict(claim, interval_status(low, high), evidence)
 
 
 def identification_claim(rows: list[dict], best: str = "delta_logp") -> Verdict:

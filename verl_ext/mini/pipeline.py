@@ -77,6 +77,8 @@ def resolve_config(cfg: DictConfig) -> DictConfig:
     for stage in cfg.redo:
         if stage not in STAGES:
             raise PipelineError(f"redo: unknown stage {stage!r}; valid stages: {', '.join(STAGES)}")
+    if not cfg.seeds or len(set(cfg.seeds)) != len(cfg.seeds) or not all(isinstance(x, int) for x in cfg.seeds):
+        raise PipelineError(f"seeds={list(cfg.seeds)!r}: give a non-empty list of distinct integers, e.g. [0,1,2]")
     if not cfg.schemes:
         raise PipelineError(f"schemes is empty; choose from {', '.join(SCHEMES)}")
     for scheme in cfg.schemes:
@@ -189,9 +191,14 @@ def stage_data(cfg: DictConfig, out: Path) -> dict:
     return {"train_problems": len(train), "eval_problems": len(evaluation)}
 
 
-def training_overrides(cfg: DictConfig, out: Path, scheme: str) -> list[str]:
+def run_name(scheme: str, seed: int) -> str:
+    """A trained model's name: the weighting and the training seed."""
+    return f"{scheme}-seed{seed}"
+
+
+def training_overrides(cfg: DictConfig, out: Path, scheme: str, seed: int) -> list[str]:
     t = cfg.train
-    run_dir = out / "train" / scheme
+    run_dir = out / "train" / run_name(scheme, seed)
     overrides = [
         f"actor_rollout_ref.model.path={out / 'base' / 'model'}",
         f"data.train_files={out / 'data' / 'train.parquet'}",
@@ -200,12 +207,12 @@ def training_overrides(cfg: DictConfig, out: Path, scheme: str) -> list[str]:
         f"data.max_response_length={cfg.task.max_new_tokens}",
         f"data.train_batch_size={t.prompts_per_step}",
         f"data.gen_batch_size={t.prompts_per_step}",
-        f"data.seed={cfg.seed}",
+        f"data.seed={seed}",
         f"actor_rollout_ref.actor.ppo_mini_batch_size={t.prompts_per_step}",
         f"actor_rollout_ref.actor.optim.lr={t.lr}",
         f"actor_rollout_ref.rollout.n={t.samples_per_prompt}",
         f"actor_rollout_ref.rollout.val_kwargs.n={t.val_samples}",
-        f"actor_rollout_ref.rollout.seed={cfg.seed}",
+        f"actor_rollout_ref.rollout.seed={seed}",
         "actor_rollout_ref.actor.checkpoint.save_contents=[model,hf_model]",
         f"trainer.total_training_steps={t.steps}",
         "trainer.total_epochs=100000",
@@ -214,7 +221,7 @@ def training_overrides(cfg: DictConfig, out: Path, scheme: str) -> list[str]:
         f"trainer.save_freq={t.steps}",
         "trainer.resume_mode=disable",
         f"trainer.default_local_dir={run_dir / 'checkpoints'}",
-        f"trainer.experiment_name=mini-{scheme}",
+        f"trainer.experiment_name=mini-{run_name(scheme, seed)}",
         "trainer.logger=[console,file]" if not wandb_requested() else "trainer.logger=[console,file,wandb]",
     ]
     return overrides + list(t.overrides)
@@ -224,9 +231,10 @@ def wandb_requested() -> bool:
     return bool(os.environ.get("WANDB_API_KEY") or os.environ.get("WANDB_MODE"))
 
 
-def train_one(cfg: DictConfig, out: Path, scheme: str) -> dict:
+def train_one(cfg: DictConfig, out: Path, scheme: str, seed: int) -> dict:
     """One DAPO run through `scripts/run_baselines.sh` (so each baseline gets the paper's settings)."""
-    run_dir = out / "train" / scheme
+    name = run_name(scheme, seed)
+    run_dir = out / "train" / name
     if run_dir.exists():
         shutil.rmtree(run_dir)  # a crashed earlier attempt: start clean (resume_mode=disable)
     run_dir.mkdir(parents=True)
@@ -236,17 +244,23 @@ def train_one(cfg: DictConfig, out: Path, scheme: str) -> dict:
         "PRESET": "tiny-cpu",
         "LOG_DIR": str(run_dir),
         "VERL_FILE_LOGGER_PATH": str(run_dir / "metrics.jsonl"),
-        "WANDB_RUN_GROUP": os.environ.get("WANDB_RUN_GROUP", f"reproduce-mini-seed{cfg.seed}"),
+        "WANDB_RUN_GROUP": os.environ.get("WANDB_RUN_GROUP", "reproduce-mini"),
     }
-    cmd = ["bash", str(REPO / "scripts" / "run_baselines.sh"), *training_overrides(cfg, out, scheme)]
-    print(f"[mini] train {scheme}: {' '.join(cmd[:2])} ... (log: {run_dir / 'train.log'})", flush=True)
+    cmd = ["bash", str(REPO / "scripts" / "run_baselines.sh"), *training_overrides(cfg, out, scheme, seed)]
+    print(f"[mini] train {name}: {' '.join(cmd[:2])} ... (logs under {run_dir})", flush=True)
     proc = subprocess.run(cmd, env=env, stdout=subprocess.DEVNULL if not cfg.show_progress else None, check=False)
     if proc.returncode != 0:
-        raise PipelineError(f"training {scheme} failed (exit {proc.returncode}); see {run_dir / 'train.log'}")
-    hf_dir = run_dir / "checkpoints" / f"global_step_{cfg.train.steps}" / "actor" / "huggingface"
+        raise PipelineError(f"training {name} failed (exit {proc.returncode}); see the logs under {run_dir}")
+    from verl_ext.merge import is_run_dir, merge_checkpoint
+
+    # run_baselines.sh puts each run in its own folder under trainer.default_local_dir
+    folders = [d for d in (run_dir / "checkpoints").glob("*") if is_run_dir(d)]
+    if len(folders) != 1:
+        raise PipelineError(f"training {name} finished but {run_dir / 'checkpoints'} holds {len(folders)} run folders")
+    hf_dir = merge_checkpoint(folders[0], cfg.train.steps, quiet=True)
     if not (hf_dir / "config.json").exists() or not any(hf_dir.glob("*.safetensors")):
-        raise PipelineError(f"training {scheme} finished but wrote no HF model at {hf_dir}")
-    model_dir = out / "models" / scheme
+        raise PipelineError(f"training {name} finished but wrote no HF model at {hf_dir}")
+    model_dir = out / "models" / name
     if model_dir.exists():
         shutil.rmtree(model_dir)
     shutil.copytree(hf_dir, model_dir)
@@ -254,12 +268,18 @@ def train_one(cfg: DictConfig, out: Path, scheme: str) -> dict:
 
 
 def stage_train(cfg: DictConfig, out: Path) -> dict:
-    return {scheme: train_one(cfg, out, scheme) for scheme in cfg.schemes}
+    return {run_name(s, k): train_one(cfg, out, s, k) for k in cfg.seeds for s in cfg.schemes}
 
 
 def model_paths(cfg: DictConfig, out: Path) -> dict[str, str]:
-    """name -> HF model dir: `base` and one per trained scheme (`RL (none)` is plain DAPO)."""
-    return {"base": str(out / "base" / "model"), **{f"rl-{s}": str(out / "models" / s) for s in cfg.schemes}}
+    """name -> HF model dir: `base` and one per trained scheme and seed (`rl-none-seed0` is plain DAPO)."""
+    trained = {f"rl-{run_name(s, k)}": str(out / "models" / run_name(s, k)) for k in cfg.seeds for s in cfg.schemes}
+    return {"base": str(out / "base" / "model"), **trained}
+
+
+def studied_model(cfg: DictConfig, out: Path, scheme: str) -> Path:
+    """The RL model the analysis and the sweeps study: `scheme` of the first training seed."""
+    return out / "models" / run_name(scheme, cfg.seeds[0])
 
 
 def stage_evaluate(cfg: DictConfig, out: Path) -> dict:
@@ -299,7 +319,7 @@ def stage_analysis(cfg: DictConfig, out: Path) -> dict:
         "analyze_logp_diff",
         [
             f"base_model={out / 'base' / 'model'}",
-            f"rl_model={out / 'models' / cfg.analysis.rl_scheme}",
+            f"rl_model={studied_model(cfg, out, cfg.analysis.rl_scheme)}",
             f"input.prompts={out / 'data' / 'eval.parquet'}",
             "input.max_prompts=null",
             f"sampling.n={cfg.analysis.samples}",
@@ -320,7 +340,7 @@ def stage_analysis(cfg: DictConfig, out: Path) -> dict:
 def sweep_overrides(cfg: DictConfig, out: Path, section: DictConfig, subdir: str) -> list[str]:
     return [
         f"models.base={out / 'base' / 'model'}",
-        f"models.rl={out / 'models' / section.rl_scheme}",
+        f"models.rl={studied_model(cfg, out, section.rl_scheme)}",
         f"data.files=[{out / 'data' / 'eval.parquet'}]",
         f"n_samples={section.samples}",
         f"seeds=[{cfg.seed}]",

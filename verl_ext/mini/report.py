@@ -32,24 +32,35 @@ def read_metrics(path: str | Path) -> dict[str, list[tuple[int, float]]]:
     return series
 
 
-def plot_training_curves(runs: dict[str, dict[str, list[tuple[int, float]]]], val_samples: int, path: Path) -> Path:
+def plot_training_curves(
+    runs: dict[tuple[str, int], dict[str, list[tuple[int, float]]]], val_samples: int, path: Path, caption: str = ""
+) -> Path:
+    """One panel per metric; one colour per weighting scheme, one line style per training seed (every
+    seed's curve is drawn). `runs`: (scheme, seed) -> verl file-logger series."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, len(CURVE_PANELS), figsize=(4.2 * len(CURVE_PANELS), 3.4))
+    schemes = list(dict.fromkeys(scheme for scheme, _ in runs))
+    seeds = sorted({seed for _, seed in runs})
+    colours = {s: f"C{i}" for i, s in enumerate(schemes)}
+    styles = {k: ("-", "--", ":", "-.")[i % 4] for i, k in enumerate(seeds)}
+    fig, axes = plt.subplots(1, len(CURVE_PANELS), figsize=(4.2 * len(CURVE_PANELS), 3.6), layout="constrained")
     for ax, (key, title) in zip(axes, CURVE_PANELS):
         key = key.format(source=DATA_SOURCE, n=val_samples)
-        for scheme, series in runs.items():
+        for (scheme, seed), series in runs.items():
             points = series.get(key, [])
             if points:
-                ax.plot(*zip(*points), marker="o" if key.startswith("val") else None, ms=3, label=scheme)
+                ax.plot(*zip(*points), marker="o" if key.startswith("val") else None, ms=3, color=colours[scheme],
+                        linestyle=styles[seed], label=f"{scheme}, seed {seed}")
         ax.set_title(title.format(n=val_samples), fontsize=10)
         ax.set_xlabel("training step")
         ax.grid(alpha=0.3)
-    axes[0].legend(title="weighting")
-    fig.tight_layout()
+    handles, labels = axes[0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="outside lower center", ncol=min(len(labels), 6), fontsize=8, frameon=False)
+    if caption:
+        fig.suptitle(caption, fontsize=10)
     fig.savefig(path, dpi=120)
     plt.close(fig)
     return path
@@ -62,10 +73,6 @@ def markdown_rows(header: list[str], rows: list[list]) -> str:
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     lines += ["| " + " | ".join(fmt(x) for x in row) + " |" for row in rows]
     return "\n".join(lines) + "\n"
-
-
-def graded(row: dict) -> int:
-    return int(row["num_problems"]) * int(str(row["samples_per_problem"]).split("-")[0])
 
 
 def sweep_table(rows: list[dict]) -> str:
@@ -87,22 +94,47 @@ def sweep_table(rows: list[dict]) -> str:
     )
 
 
-def extrapolation_claim(rows: list[dict]) -> claims.Verdict:
-    """Best γ > 0 at the Δlog p gate vs sampling from π_RL (the `all` run with γ = 0)."""
-    rl = [r for r in rows if r["criterion"] == "all" and r["gamma"] == 0.0]
-    extra = [r for r in rows if r["criterion"] == "delta_logp" and r["gamma"] > 0]
+def problem_accuracy(df) -> dict:
+    """run -> {problem_index: fraction of its samples graded correct} from per-sample sweep rows."""
+    return {run: g.groupby("problem_index")["correct"].mean().to_dict() for run, g in df.groupby("run")}
+
+
+def extrapolation_claim(df) -> claims.Verdict:
+    """The best (γ > 0, τ) at the Δlog p gate vs sampling from π_RL (the sweep's `all` run at γ = 0, the
+    same sampler), chosen on the even-ranked problems and scored on the odd-ranked ones (choosing and
+    scoring on the same problems would bias the difference upwards). `df`: the sweep's per-sample rows."""
     claim = "Selective extrapolation (Eq. 7, γ > 0) beats sampling from the RL model"
-    if not rl or not extra:
-        return claims.Verdict(claim, claims.INCONCLUSIVE, "the sweep has no π_RL baseline or no γ > 0 run")
-    best = max(extra, key=lambda r: r["accuracy"])
-    verdict = claims.accuracy_claim(
-        claim,
-        (f"γ={best['gamma']:g}, τ={best['threshold']:g} (best of {len(extra)})", best["accuracy"], graded(best)),
-        ("π_RL", rl[0]["accuracy"], graded(rl[0])),
+    runs = df.drop_duplicates("run").set_index("run")
+    rl = [r for r, x in runs.iterrows() if x["criterion"] == "all" and x["gamma"] == 0.0]
+    extra = [r for r, x in runs.iterrows() if x["criterion"] == "delta_logp" and x["gamma"] > 0]
+    problems = sorted(df["problem_index"].unique())
+    if not rl or not extra or len(problems) < 4:
+        return claims.Verdict(claim, claims.INCONCLUSIVE, "the sweep has no π_RL run, no γ > 0 run or < 4 problems")
+    choose, score = problems[0::2], problems[1::2]
+    acc = problem_accuracy(df)
+    best = max(extra, key=lambda r: sum(acc[r][p] for p in choose))
+    verdict = claims.paired_accuracy_claim(
+        claim, f"γ={runs.loc[best, 'gamma']:g}, τ={runs.loc[best, 'threshold']:g}", [[acc[best][p] for p in score]],
+        "π_RL", [[acc[rl[0]][p] for p in score]],
     )
     return claims.Verdict(
-        verdict.claim, verdict.status, verdict.evidence + "; γ chosen on the same problems, so optimistic"
+        claim, verdict.status,
+        f"best of {len(extra)} (γ, τ) chosen on {len(choose)} problems, scored on {len(score)} others: {verdict.evidence}",
     )
+
+
+def per_problem_accuracy(path: Path) -> dict[str, float]:
+    """`evaluate`'s per_problem.jsonl -> {prompt_id: fraction correct}."""
+    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    return {r["prompt_id"]: sum(r["correct"]) / len(r["correct"]) for r in rows}
+
+
+def accuracy_matrix(out: Path, names: list[str]):
+    """seeds × problems fractions correct of the evaluated models `names` (one row each), problems in a
+    fixed order (those every model was graded on)."""
+    per_model = [per_problem_accuracy(out / "evaluate" / name / "per_problem.jsonl") for name in names]
+    problems = sorted(set.intersection(*(set(m) for m in per_model)))
+    return [[m[p] for p in problems] for m in per_model]
 
 
 def copy_figure(src: str | Path, figures: Path, name: str) -> str:
@@ -121,31 +153,41 @@ def write_report(cfg: DictConfig, out: Path) -> Path:
         s: json.loads((out / s / "DONE.json").read_text())
         for s in ("base", "data", "train", "evaluate", "analysis", "replacement", "extrapolation")
     }
-    runs = {s: read_metrics(out / "train" / s / "metrics.jsonl") for s in cfg.schemes}
-    curves = plot_training_curves(runs, cfg.train.val_samples, figures / "training_curves.png")
+    from verl_ext.mini.pipeline import run_name
+
+    runs = {(s, k): read_metrics(out / "train" / run_name(s, k) / "metrics.jsonl") for k in cfg.seeds for s in cfg.schemes}
+    curves = plot_training_curves(
+        runs, cfg.train.val_samples, figures / "training_curves.png",
+        caption=f"tiny Qwen2 (SFT base), {cfg.train.steps} DAPO steps, training seeds {list(cfg.seeds)}; "
+                f"validation on {cfg.task.eval_problems} problems × {cfg.train.val_samples} samples",
+    )
     evaluation = json.loads((out / "evaluate" / "table.json").read_text())
     replacement = json.loads((out / "replacement" / "results.json").read_text())
     extrapolation = json.loads((out / "extrapolation" / "results.json").read_text())
+    extrapolation_rows = pd.concat([pd.read_parquet(f) for f in sorted((out / "extrapolation" / "runs").glob("*/*.parquet"))])
     bins = pd.read_csv(out / "analysis" / "prob_by_delta_bin.csv")
     rl_gen = bins[bins["generator"] == "rl"].to_dict("records")
     summary = json.loads((out / "analysis" / "summary.json").read_text())
 
     k = cfg.evaluate.samples
-    acc = {name: (name, row[f"avg@{k}"], graded(row)) for name, row in evaluation.items()}
-    verdicts = [claims.accuracy_claim("RLVR (DAPO) improves the base model", acc["rl-none"], acc["base"])]
+
+    def trained(scheme):
+        return [f"rl-{run_name(scheme, seed)}" for seed in cfg.seeds]
+
+    verdicts = [claims.paired_accuracy_claim(
+        "RLVR (DAPO) improves the base model", "DAPO", accuracy_matrix(out, trained("none")),
+        "base", accuracy_matrix(out, ["base"]),
+    )]
     for scheme in cfg.schemes:
         if scheme != "none":
-            verdicts.append(
-                claims.accuracy_claim(
-                    f"`{scheme}` weighting beats plain DAPO" + (" (the paper's Eq. 8)" if scheme == "lowprob" else ""),
-                    acc[f"rl-{scheme}"],
-                    acc["rl-none"],
-                )
-            )
+            verdicts.append(claims.paired_accuracy_claim(
+                f"`{scheme}` weighting beats plain DAPO" + (" (the paper's Eq. 8)" if scheme == "lowprob" else ""),
+                scheme, accuracy_matrix(out, trained(scheme)), "DAPO", accuracy_matrix(out, trained("none")),
+            ))
     verdicts.append(claims.low_probability_claim(rl_gen))
     calibrated = [r for r in replacement if r["criterion"] not in ("none", "all")]
     verdicts.append(claims.identification_claim(calibrated))
-    verdicts.append(extrapolation_claim(extrapolation))
+    verdicts.append(extrapolation_claim(extrapolation_rows))
 
     seconds = {s: i.get("seconds", 0.0) for s, i in stage_info.items()}
     md = [
@@ -155,9 +197,11 @@ def write_report(cfg: DictConfig, out: Path) -> Path:
         "Everything below was computed by `scripts/reproduce_mini.sh` in this folder"
         + (" (**smoke settings**: far too small for the verdicts to mean anything)" if cfg.smoke else "")
         + ".\n",
-        f"Seed {cfg.seed}; schemes {', '.join(cfg.schemes)}; {cfg.train.steps} DAPO steps of "
+        f"Base/data/sampling seed {cfg.seed}; training seeds {list(cfg.seeds)}; schemes {', '.join(cfg.schemes)}; "
+        f"{cfg.train.steps} DAPO steps of "
         f"{cfg.train.prompts_per_step} prompts × {cfg.train.samples_per_prompt} samples, lr {cfg.train.lr}. "
-        f"Stage times (s): " + ", ".join(f"{s} {v:.0f}" for s, v in seconds.items()) + ".\n",
+        f"Stage times (s): " + ", ".join(f"{s} {v:.0f}" for s, v in seconds.items())
+        + f"; all stages {sum(seconds.values()) / 60:.1f} min.\n",
         (
             "The task is a fixed set of 200 facts (a±b, single digits). SFT and RL train on all of them and "
             f"accuracy is measured on {cfg.task.eval_problems} of them: a model this small memorises facts, so "
@@ -169,9 +213,14 @@ def write_report(cfg: DictConfig, out: Path) -> Path:
             [[v.claim, f"**{v.status}**", v.evidence] for v in verdicts],
         ),
         (
-            f"A difference counts when it exceeds {claims.Z:g} standard errors over graded responses "
-            "(optimistic: samples of one problem are correlated). Not run here: the rollout top-p ablation "
-            "(paper Fig. 3c; `scripts/run_top_p_ablation.sh`).\n"
+            "Accuracy verdicts follow from a paired 95% interval of the difference: per training seed and "
+            "problem, the difference of the problem's fractions correct (same problems, same sampling seeds); "
+            "the interval is a two-stage bootstrap, seeds then problems, with replacement "
+            "(`verl_ext/mini/claims.py`). Reproduced: the interval lies above 0; not reproduced: below 0; "
+            "inconclusive: it contains 0 (no effect shown at this power). The identification claim compares "
+            f"sweep rows with {claims.Z:g} standard errors over graded responses (optimistic: samples of one "
+            "problem are correlated). Not run here: the rollout top-p ablation (paper Fig. 3c; "
+            "`scripts/run_top_p_ablation.sh`).\n"
         ),
         "## 1. Base model (SFT)\n",
         (
