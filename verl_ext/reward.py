@@ -494,8 +494,12 @@ def grade_answer(pred: str | None, ground_truth, timeout_s: float = DEFAULT_TIME
     with two accepted answers). Order: pre-checks (`is_gradable`), `quick_verdict`, then
     Math-Verify in a worker process killed after `timeout_s` seconds per accepted answer (a
     timeout or a crash grades the answer wrong). The time bound excludes the start-up of a
-    worker (about 2 s, once per process and after each kill).
+    worker (about 2 s, once per process and after each kill). A `timeout_s` that is not a finite
+    number > 0 is a configuration error (ConfigError naming it), not a wrong answer.
     """
+    from verl_ext.checks import check_number
+
+    check_number(timeout_s, "reward timeout_s", low=0, low_open=True)
     try:
         if pred is None:
             return False
@@ -509,9 +513,14 @@ def grade_answer(pred: str | None, ground_truth, timeout_s: float = DEFAULT_TIME
 
 
 def is_correct(response: str, ground_truth, timeout_s: float = DEFAULT_TIMEOUT_S) -> bool:
-    """Does `response`'s final answer (`extract_answer`) match `ground_truth` (see `grade_answer`)? Never raises."""
+    """Does `response`'s final answer (`extract_answer`) match `ground_truth` (see `grade_answer`)? Raises only
+    for a bad `timeout_s` (ConfigError), never for an answer."""
+    from verl_ext.checks import ConfigError
+
     try:
         return grade_answer(extract_answer(response), ground_truth, timeout_s)
+    except ConfigError:
+        raise
     except Exception:  # noqa: BLE001
         return False
 
