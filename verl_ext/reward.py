@@ -48,6 +48,7 @@ MAX_BRACE_DEPTH = 32  # deeper brace nesting is graded wrong without parsing
 NUM_WORKERS_ENV = "VERL_EXT_GRADER_WORKERS"  # at most this many worker processes per process
 DEFAULT_MAX_WORKERS = 16  # the pool grows to the callers' concurrency, up to this
 SPARE_WORKERS = 1  # ready workers kept beyond the callers in flight
+MIN_GRADE_S = 0.01  # a caller left with less time than this after waiting is graded wrong without asking
 SCORE_CORRECT, SCORE_WRONG = 1.0, -1.0
 
 # ----------------------------------------------------------------------------- extraction
@@ -417,8 +418,11 @@ class GraderPool:
             return None
         try:
             remaining = deadline - time.monotonic()
-            # Past the deadline only after the process's first start-up: the answer gets the full bound.
-            return worker.grade(pred, ground_truth, remaining if remaining > 0 else timeout_s)
+            if remaining <= 0:  # only after the process's first start-up: the answer gets the full bound
+                remaining = timeout_s
+            elif remaining < MIN_GRADE_S:  # too late to ask: a healthy worker would be killed for nothing
+                return None
+            return worker.grade(pred, ground_truth, remaining)
         finally:
             with self._cond:
                 self._busy -= 1
