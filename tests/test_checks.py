@@ -1,6 +1,7 @@
 """verl_ext.checks: one message shape, every non-finite or out-of-range value refused, exit code 2."""
 
 import math
+import re
 import subprocess
 import sys
 
@@ -96,3 +97,44 @@ def test_exit_on_config_error_one_line_exit_2():
     done = subprocess.run([sys.executable, "-c", code], check=False, capture_output=True, text=True,
                           env={**env, "VERL_EXT_TRACEBACK": "1"})
     assert done.returncode == 1 and "Traceback" in done.stderr
+
+
+@pytest.mark.parametrize(
+    "section,message",
+    [
+        ({"temperature": math.nan}, "s.temperature=nan is invalid; valid: a number >= 0"),
+        ({"temperature": -0.5}, "s.temperature=-0.5 is invalid; valid: a number >= 0"),
+        ({"top_p": 1.01}, "s.top_p=1.01 is invalid; valid: a number in (0, 1]"),
+        ({"top_k": 0}, "s.top_k=0 is invalid; valid: -1 (off) or an integer >= 1"),
+        ({"top_k": 2.5}, "s.top_k=2.5 is invalid; valid: -1 (off) or an integer >= 1"),
+        ({"n": 0}, "s.n=0 is invalid; valid: an integer >= 1"),
+        ({"max_new_tokens": math.inf}, "s.max_new_tokens=inf is invalid; valid: an integer >= 1"),
+        ({"seed": 0.5}, "s.seed=0.5 is invalid; valid: an integer"),
+    ],
+)
+def test_sampling_section(section, message):
+    from verl_ext.checks import check_sampling
+
+    good = {"n": 4, "temperature": 0.0, "top_p": 1.0, "top_k": -1, "max_new_tokens": 8, "batch_size": 2, "seed": 0}
+    check_sampling(good, "s", keys=list(good))  # greedy, no nucleus, no top-k: all valid
+    with pytest.raises(ConfigError) as err:
+        check_sampling({**good, **section}, "s", keys=list(good))
+    assert str(err.value) == message
+
+
+def test_read_jsonl_names_file_and_line(tmp_path):
+    from verl_ext.checks import read_jsonl
+
+    path = tmp_path / "p.jsonl"
+    path.write_text('{"q": "a"}\n\n{"q": "b"}\n')
+    assert read_jsonl(path, "input", required=["q"]) == [(1, {"q": "a"}), (3, {"q": "b"})]
+    for content, message in [
+        ('{"q": "a"}\n\n{"q": \n', "line 3 is not valid JSON"),
+        ('{"q": "a"}\n[1, 2]\n', "line 2 is not a JSON object"),
+        ('{"q": "a"}\n{"r": 1}\n', "line 2 has no field 'q'; fields are ['r']"),
+        ('{"q": null}\n', "line 1: field 'q' is empty"),
+        ("\n \n", "the file has no rows"),
+    ]:
+        path.write_text(content)
+        with pytest.raises(ConfigError, match=re.escape(f"input='{path}': {message}")):
+            read_jsonl(path, "input", required=["q"])

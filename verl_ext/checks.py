@@ -66,6 +66,8 @@ def check_number(
         return None
     kind = "an integer" if integer else "a number"
     valid = _interval(low, high, low_open, high_open).replace("a number", kind, 1)
+    if integer and low is None and high is None:
+        valid = "an integer"
     if allow_none:
         valid += ", or null"
     if isinstance(value, bool) or not isinstance(value, numbers.Real):

@@ -48,6 +48,7 @@ MAX_BRACE_DEPTH = 32  # deeper brace nesting is graded wrong without parsing
 NUM_WORKERS_ENV = "VERL_EXT_GRADER_WORKERS"  # at most this many worker processes per process
 DEFAULT_MAX_WORKERS = 16  # the pool grows to the callers' concurrency, up to this
 SPARE_WORKERS = 1  # ready workers kept beyond the callers in flight
+MIN_GRADE_S = 0.01  # a caller left with less time than this after waiting is graded wrong without asking
 SCORE_CORRECT, SCORE_WRONG = 1.0, -1.0
 
 # ----------------------------------------------------------------------------- extraction
@@ -245,10 +246,11 @@ class GraderWorker:
         )
         self._buffer = b""
         self.ready = False
+        self.killed = False
 
     @property
     def alive(self) -> bool:
-        return self.proc.poll() is None
+        return not self.killed and self.proc.poll() is None
 
     def _read_line(self, deadline: float) -> bytes | None:
         """Next line from the worker, or None if the deadline passes or the worker is gone."""
@@ -275,23 +277,33 @@ class GraderWorker:
     def grade(self, pred: str, ground_truth: str, timeout_s: float) -> bool | None:
         """The worker's verdict, or None when it missed `timeout_s` or died (then it is killed)."""
         if not self.wait_ready():
-            self.kill()
+            self.kill(reap_in_background=True)
             return None
         try:
             self.proc.stdin.write(json.dumps([pred, ground_truth]).encode() + b"\n")
             self.proc.stdin.flush()
         except (BrokenPipeError, OSError):
-            self.kill()
+            self.kill(reap_in_background=True)
             return None
         line = self._read_line(time.monotonic() + timeout_s)
         if line not in (b"true", b"false"):
-            self.kill()
+            self.kill(reap_in_background=True)
             return None
         return line == b"true"
 
-    def kill(self) -> None:
+    def kill(self, reap_in_background: bool = False) -> None:
+        """SIGKILL; the exit is waited for (and the pipes closed) here, or in a background thread: a
+        process that was expanding a huge expression can take seconds to release its memory, and the
+        caller's time bound must not pay for that."""
+        self.killed = True
         if self.proc.poll() is None:
             self.proc.kill()
+        if reap_in_background:
+            threading.Thread(target=self._reap, daemon=True, name="grader-reap").start()
+        else:
+            self._reap()
+
+    def _reap(self) -> None:
         self.proc.wait()
         for stream in (self.proc.stdin, self.proc.stdout):
             try:
@@ -406,17 +418,23 @@ class GraderPool:
             return None
         try:
             remaining = deadline - time.monotonic()
-            # Past the deadline only after the process's first start-up: the answer gets the full bound.
-            return worker.grade(pred, ground_truth, remaining if remaining > 0 else timeout_s)
+            if remaining <= 0:  # only after the process's first start-up: the answer gets the full bound
+                remaining = timeout_s
+            elif remaining < MIN_GRADE_S:  # too late to ask: a healthy worker would be killed for nothing
+                return None
+            return worker.grade(pred, ground_truth, remaining)
         finally:
             with self._cond:
                 self._busy -= 1
-                if worker.alive and not self._closed:
+                keep = worker.alive and not self._closed
+                if keep:
                     self._idle.append(worker)
                 else:
                     self._workers -= 1
                     self._grow()  # the replacement starts now, its start-up overlapping other work
                 self._cond.notify_all()
+            if not keep and not worker.killed:
+                worker.close()  # the pool was closed while it graded
 
     def close(self) -> None:
         with self._cond:
@@ -494,8 +512,12 @@ def grade_answer(pred: str | None, ground_truth, timeout_s: float = DEFAULT_TIME
     with two accepted answers). Order: pre-checks (`is_gradable`), `quick_verdict`, then
     Math-Verify in a worker process killed after `timeout_s` seconds per accepted answer (a
     timeout or a crash grades the answer wrong). The time bound excludes the start-up of a
-    worker (about 2 s, once per process and after each kill).
+    worker (about 2 s, once per process and after each kill). A `timeout_s` that is not a finite
+    number > 0 is a configuration error (ConfigError naming it), not a wrong answer.
     """
+    from verl_ext.checks import check_number
+
+    check_number(timeout_s, "reward timeout_s", low=0, low_open=True)
     try:
         if pred is None:
             return False
@@ -509,9 +531,14 @@ def grade_answer(pred: str | None, ground_truth, timeout_s: float = DEFAULT_TIME
 
 
 def is_correct(response: str, ground_truth, timeout_s: float = DEFAULT_TIMEOUT_S) -> bool:
-    """Does `response`'s final answer (`extract_answer`) match `ground_truth` (see `grade_answer`)? Never raises."""
+    """Does `response`'s final answer (`extract_answer`) match `ground_truth` (see `grade_answer`)? Raises only
+    for a bad `timeout_s` (ConfigError), never for an answer."""
+    from verl_ext.checks import ConfigError
+
     try:
         return grade_answer(extract_answer(response), ground_truth, timeout_s)
+    except ConfigError:
+        raise
     except Exception:  # noqa: BLE001
         return False
 

@@ -60,6 +60,7 @@ from verl_ext.checks import (
     invalid,
     read_jsonl,
 )
+from verl_ext.progress import size_line
 from verl_ext.wandb_logging import start_run, wandb_enabled
 
 GENERATION_COLUMNS = ("generator", "prompt_index", "sample_index", "response_id", "prompt_ids", "response_ids")
@@ -670,6 +671,8 @@ def run_sampling(cfg: DictConfig, executor: Executor, prompts, out: Path) -> lis
     if not generators or any(g not in ("base", "rl") for g in generators):
         raise ValueError(f"sampling.generators={generators} is invalid; valid: a non-empty list of base, rl")
     tasks = plan_sampling_shards(prompts, cfg.sharding.prompts_per_shard)
+    print(f"[analyze_logp_diff] size: {len(generators)} generator(s) x "
+          f"{size_line(len(prompts), cfg.sampling.n, cfg.sampling.max_new_tokens)} each", flush=True)
     calls = [
         (g, t, shard_seed(cfg.sampling.seed, t.index, gi))
         for gi, g in enumerate(generators)

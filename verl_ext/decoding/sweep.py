@@ -49,6 +49,7 @@ from verl_ext.checks import (
     invalid,
 )
 from verl_ext.decoding.criteria import ABOVE, BELOW, get_criterion
+from verl_ext.progress import job_size, size_line
 from verl_ext.wandb_logging import start_run, wandb_enabled
 
 BASELINES = (("none", 0.0), ("all", 0.0))  # π_B alone (ratio 0) and π_RL / π_Extra alone (ratio 1)
@@ -687,6 +688,9 @@ def run(cfg: DictConfig) -> list[dict]:
     todo = [s for s in shards if not Path(s[3]).exists()]
     print(f"[sweep] {len(runs)} runs × {num_problems} problems × {cfg.n_samples} samples: "
           f"{len(shards)} shards, {len(shards) - len(todo)} already done", flush=True)
+    _, tokens = job_size(num_problems, cfg.n_samples, cfg.decoding.max_new_tokens)
+    print(f"[sweep] size: {len(runs)} runs x {size_line(num_problems, cfg.n_samples, cfg.decoding.max_new_tokens)} "
+          f"each (at most {len(runs) * tokens:,} tokens in all); the shard bar shows the time left", flush=True)
     for _ in tqdm(executor.map("run_shard", todo), total=len(todo), desc="shards", disable=not cfg.show_progress):
         pass
     import pandas as pd
