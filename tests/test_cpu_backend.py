@@ -524,3 +524,26 @@ def test_hf_reproducible_backend_is_registered_with_verl():
     assert RolloutReplicaRegistry.get("hf_reproducible") is HFReplica
     assert get_rollout_class("hf_reproducible", "async") is HFServerAdapter
     assert hf_generate.SamplingSpec is SamplingSpec
+
+
+def test_request_streams_restart_with_each_weight_version():
+    """A run resumed from step N (a fresh server whose first weight push is version N) gives its
+    requests the streams the uninterrupted run gave them after its own version-N push."""
+    from collections import Counter
+
+    from verl_ext.cpu.rollout import HFRolloutServer
+
+    def server():
+        s = object.__new__(HFRolloutServer)
+        s._request_counts, s.global_steps = Counter(), None
+        return s
+
+    def draws(s, version):
+        s._set_version(version)
+        return [s._stream_id("det-0", [5, 6], "spec"), s._stream_id("det-0", [5, 6], "spec"), s._stream_id("det-0", [7], "spec")]
+
+    uninterrupted = server()
+    at_0, at_1 = draws(uninterrupted, 0), draws(uninterrupted, 1)
+    resumed = server()
+    assert draws(resumed, 1) == at_1
+    assert len(set(at_0 + at_1)) == 6  # every request of every version its own stream

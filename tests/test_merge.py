@@ -51,3 +51,35 @@ def test_a_failing_merge_leaves_nothing_under_the_final_name(tmp_path):
     with pytest.raises(ConfigError, match=r"verl's model merger failed on \S+global_step_1/actor"):
         merge_checkpoint(run, quiet=True)
     assert sorted(p.name for p in (run / "global_step_1").iterdir()) == ["actor"]
+
+
+def test_evaluation_takes_a_run_folder(tmp_path):
+    """evaluate's model.path may be a training run's folder: it generates with the merged model."""
+    import json
+    import shutil
+
+    import torch
+    from hydra import compose, initialize_config_dir
+
+    from verl_ext.evaluation.command import run
+    from verl_ext.tiny_assets import ensure_tiny_assets
+
+    assets = ensure_tiny_assets()
+    run_dir = run_folder(tmp_path, [1], merged=[])
+    shutil.copytree(assets.model_dir, run_dir / "global_step_1" / "merged_hf")  # as the merger leaves it
+    repo = Path(__file__).resolve().parents[1]
+    with initialize_config_dir(config_dir=str(repo / "configs"), version_base=None):
+        cfg = compose(config_name="evaluate", overrides=[
+            f"model.path={run_dir}", "model.backend=hf", "model.device=cpu", f"data.files=[{assets.val_parquet}]",
+            "data.max_problems=2", "sampling.n=2", "sampling.max_new_tokens=4", "metrics.pass_ks=[1]",
+            f"output_dir={tmp_path / 'eval'}", "show_progress=false", "grader.num_workers=1",
+        ])
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        out = run(cfg)
+    finally:
+        torch.set_num_threads(threads)
+    assert out["table"]["tiny_arith"]["num_problems"] == 2
+    settings = json.loads((tmp_path / "eval" / "results.json").read_text())
+    assert str(run_dir / "global_step_1" / "merged_hf") in json.dumps(settings)

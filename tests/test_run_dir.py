@@ -195,4 +195,16 @@ def test_ablation_runs_each_get_a_folder_also_under_a_users_dir(tmp_path, correc
         capture_output=True, text=True, timeout=300, check=False,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert f"[dapo_reweight] run directory {tmp_path}/tiny-cpu-lowprob-a0.2-topp0.9{suffix}: no checkpoint" in proc.stdout
+    assert f"[dapo_reweight] no checkpoint in {tmp_path}/tiny-cpu-lowprob-a0.2-topp0.9{suffix}: training from step 0" in proc.stdout
+
+
+def test_baseline_runs_each_get_a_folder_under_a_users_dir(tmp_path):
+    env = {**os.environ, "DRY_RUN": "1", "PRESET": "tiny-cpu", "SCHEMES": "none dominate", "PYTHON": sys.executable,
+           "PYTHONPATH": str(REPO), "TINY_ASSETS_DIR": str(TINY)}
+    proc = subprocess.run(
+        ["bash", "scripts/run_baselines.sh", f"trainer.default_local_dir={tmp_path}"], cwd=REPO, env=env,
+        capture_output=True, text=True, timeout=300, check=False,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    for name in ("tiny-cpu-none-a0.0-topp1.0", "tiny-cpu-dominate-a0.1-topp1.0"):
+        assert f"[dapo_reweight] no checkpoint in {tmp_path}/{name}: training from step 0" in proc.stdout

@@ -7,13 +7,15 @@ the probability mass the nucleus kept, and 1 − Z the mass it cut. With top-p =
 to the numerical mismatch between the two engines.
 
 That mismatch is not small next to the masses a top-p of 0.95 cuts: a bf16 trainer against an fp32
-rollout reads 0.0014 mean, 0.025 max at top-p = 1. It is two-sided (log π_old − log π_rollout
-scatters around 0), while truncation is one-sided (a nucleus only raises π_rollout(y)). So the
-mass on the impossible side, `mismatch_floor` = mean over tokens of max(0, π_old/π_rollout − 1),
-measures the noise in the same step, and the same amount sits in `truncated_mass_mean` by symmetry:
+rollout reads 0.0014 mean, 0.025 max at top-p = 1. It is two-sided (d = log π_old − log π_rollout
+scatters around 0), while truncation is one-sided (a nucleus only raises π_rollout(y): d <= 0). So
+the tokens on the impossible side, d > 0, measure the noise in the same step: `mismatch_floor` =
+mean over tokens of max(0, 1 − exp(−d)), the cut mass the same noise reads with its sign flipped.
+For noise symmetric in d the raw truncated mass holds the same amount, so
 `truncated_mass_net_mean` = truncated_mass_mean − mismatch_floor reads ≈ 0 at top-p = 1 and the
-cut mass at top-p < 1. Logged: `rollout/top_p_truncated_mass_mean|max` (raw), `..._net_mean`,
-`rollout/top_p_mismatch_floor`, `rollout/top_p_frac_tokens_truncated_over_1pct`.
+cut mass at top-p < 1 (where a real cut, |log Z| above the noise, adds nothing to the floor).
+Logged: `rollout/top_p_truncated_mass_mean|max` (raw), `..._net_mean`, `rollout/top_p_mismatch_floor`,
+`rollout/top_p_frac_tokens_truncated_over_1pct`.
 """
 
 from __future__ import annotations
@@ -29,8 +31,9 @@ def nucleus_kept_mass(old_log_probs: torch.Tensor, rollout_log_probs: torch.Tens
 
 
 def mismatch_floor(old_log_probs: torch.Tensor, rollout_log_probs: torch.Tensor) -> torch.Tensor:
-    """max(0, exp(log π_old − log π_rollout) − 1) per token: engine noise, which truncation cannot cause."""
-    return ((old_log_probs.double() - rollout_log_probs.double()).exp() - 1.0).clamp(min=0.0)
+    """max(0, 1 − π_rollout(y)/π_old(y)) per token: nonzero only where π_old > π_rollout, which truncation
+    cannot cause (engine noise), valued as the cut mass that noise would read with the opposite sign."""
+    return (1.0 - (rollout_log_probs.double() - old_log_probs.double()).exp()).clamp(min=0.0)
 
 
 def truncation_metrics(old_log_probs, rollout_log_probs, response_mask) -> dict[str, float]:

@@ -117,10 +117,11 @@ def silence_harmless_warnings() -> None:
         warnings.filterwarnings("ignore", message=message)
 
 
-def run(config: DictConfig) -> None:
+def preflight(config: DictConfig, dry_run: bool) -> list[str]:
+    """Every check that needs no Ray, cheapest first (bad values before verl is even imported);
+    ConfigError ends the command. Returns warning lines (a dry run turns input errors into warnings)."""
     from verl_ext.training_checks import check_training_config
 
-    dry_run = bool(config.get("dry_run", False))
     with exit_on_config_error(PROG, CONFIG_ERRORS):
         check_training_config(config)  # first, before verl is imported (~10 s): bad values fail in a second
     try:
@@ -131,20 +132,27 @@ def run(config: DictConfig) -> None:
                 raise
         warnings = [f"a real run would stop here: {err}"]
     silence_harmless_warnings()
-    if dry_run:
-        for warning in warnings:
-            print(f"[{PROG}] warning: {warning}", file=sys.stderr)
     from verl.utils.device import auto_set_device
 
     auto_set_device(config)
     with exit_on_config_error(PROG, CONFIG_ERRORS):
         prepare_config(config)
+    return warnings
+
+
+def run(config: DictConfig) -> None:
+    """Check everything, decide what the run folder allows (start, resume, refuse, nothing to train),
+    then train with the launch's log file taking the output."""
+    dry_run = bool(config.get("dry_run", False))
+    warnings = preflight(config, dry_run)
     with exit_on_config_error(PROG, CONFIG_ERRORS):
         run_dir = absolute_run_dir(config)
         recorded, current, decision = plan_launch(config, REPO)
     if dry_run:
+        for warning in warnings:
+            print(f"[{PROG}] warning: {warning}", file=sys.stderr)
         print(OmegaConf.to_yaml(config, resolve=True))
-        print(f"[{PROG}] run directory {run_dir}: {decision.message}")
+        print(f"[{PROG}] {decision.message}")
         print(f"[{PROG}] dry run: config composed and validated; Ray not started.")
         return
     if decision.action == "refuse":
@@ -162,10 +170,8 @@ def run(config: DictConfig) -> None:
         print(f"[{PROG}] run directory: {run_dir}")
         print(f"[{PROG}] log: {log.path}")
         print(f"[{PROG}] {decision.message}" + (f" (to {moved})" if moved else ""))
-        for change in decision.changed:
-            print(f"[{PROG}]   {change}")
-        for warning in warnings:
-            print(f"[{PROG}] warning: {warning}")
+        for line in [*(f"  {c}" for c in decision.changed), *(f"warning: {w}" for w in warnings)]:
+            print(f"[{PROG}] {line}")
         apply_launch(config, decision, record)
         print("full config:\n" + OmegaConf.to_yaml(config, resolve=True), flush=True)
         train(config)
@@ -228,7 +234,8 @@ def interrupted_message(config: DictConfig) -> str:
 
     run_dir = config.trainer.default_local_dir
     step = latest_checkpoint_step(run_dir)
-    command = os.environ.get("RUN_COMMAND") or " ".join(["python -m recipe.dapo_reweight.main", *sys.argv[1:]])
+    given = [a for a in sys.argv[1:] if not a.startswith("hydra.searchpath=")]  # ours: _add_preset_searchpath
+    command = os.environ.get("RUN_COMMAND") or " ".join(["python -m recipe.dapo_reweight.main", *given])
     saved = f"the last checkpoint is step {step}" if step is not None else "no checkpoint was saved yet"
     return (
         f"[{PROG}] interrupted; {saved} ({run_dir}). To resume, run the same command again:\n"

@@ -22,11 +22,11 @@ timing-independent: `verl_ext.trainer`). Three pieces, registered with verl in
 
 Why reruns are identical: every request samples from its own counter-based random stream
 (`verl_ext.decoding.rng`), keyed by the weights' version, verl's request id, the prompt and the
-sampling parameters (`_stream_id`), so a rerun, and a run resumed from a checkpoint, draws the same responses for the same prompts even though requests
-arrive, and are batched, in a different order. Every forward has one shape (width
-`rollout.prompt_length`, chunks of `deterministic_chunk_rows` rows) and eager attention
-(multi-threaded SDPA decoding on CPU depends on the other rows), so the log-probs, not only the
-tokens, are bit-identical in any batch.
+sampling parameters (`_stream_id`), so a rerun, and a run resumed from a checkpoint, draws the same
+responses for the same prompts even though requests arrive, and are batched, in a different order.
+Every forward has one shape (width `rollout.prompt_length`, chunks of `deterministic_chunk_rows`
+rows) and eager attention (multi-threaded SDPA decoding on CPU depends on the other rows), so the
+log-probs, not only the tokens, are bit-identical in any batch.
 
 Options (`+actor_rollout_ref.rollout.engine_kwargs.hf_reproducible.<key>=...`): `num_threads`
 (torch threads of the server; default all cores, as rollout and training alternate),
