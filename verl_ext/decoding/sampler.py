@@ -35,7 +35,7 @@ from dataclasses import dataclass
 
 import torch
 
-from verl_ext.decoding.criteria import GateInputs, criterion_score, gate, gate_reads, get_criterion
+from verl_ext.decoding.criteria import GateInputs, can_fire, criterion_score, gate, gate_reads, get_criterion
 from verl_ext.distributions import extrapolated_log_softmax, log_softmax, top_p_log_softmax
 
 ACTIONS = ("replace", "extrapolate")
@@ -442,6 +442,27 @@ def gate_and_resample(
     if rows.numel():
         token[rows] = resample(logp_base[rows], logp_rl[rows], proposal[rows], u_resample[rows], rule)
     return StepOutcome(token=token, fired=fired, score=score)
+
+
+def two_stage_step_all_rows(
+    logp_base: torch.Tensor,
+    logp_rl: torch.Tensor,
+    u_proposal: torch.Tensor,
+    u_gate: torch.Tensor,
+    u_resample: torch.Tensor,
+    rule: DecodingRule,
+) -> StepOutcome:
+    """`two_stage_step` with fixed shapes and no host synchronisation (CUDA-graph safe):
+    y_i = ŷ_i where g_i = 0, else y_i ~ q_i, with the resample drawn at every position and kept
+    where the gate fired. Positions are independent and draw from their own uniforms, so tokens,
+    flags and scores are `two_stage_step`'s; the price is the resampling work at unfired rows."""
+    proposer = logp_base if rule.propose_from == "base" else logp_rl
+    proposal = propose(proposer, u_proposal, rule)
+    score, fired = evaluate_gate(logp_base, logp_rl, proposal, u_gate, rule)
+    if not can_fire(rule.criterion):
+        return StepOutcome(token=proposal, fired=fired, score=score)
+    resampled = resample(logp_base, logp_rl, proposal, u_resample, rule)
+    return StepOutcome(token=torch.where(fired, resampled, proposal), fired=fired, score=score)
 
 
 def two_stage_step(
