@@ -243,6 +243,8 @@ def main():
                    "cost-model bounds")
     p.add_argument("--no-official", action="store_true", help="skip the official cost-model row")
     p.add_argument("--sync-every", type=int, default=8, help="static rows: steps between host checks")
+    p.add_argument("--cuda-graph", default="auto", choices=["auto", "off"],
+                   help="static rows: replay the step as CUDA graphs on a GPU (auto) or run it eagerly (off)")
     p.add_argument("--roofline", default="auto", choices=["auto", "on", "off"],
                    help="print the memory roofline and every row's fraction of it (auto: on a GPU)")
     p.add_argument("--no-rl-draft", action="store_true", help="skip the Δlog p rows drafted by π_RL")
@@ -286,11 +288,12 @@ def main():
     rules = {"dlogp": calibrated_rule("delta_logp", a.ratio, base, rl, reqs, common, a.top_p, a.coupling)[0]}
     rules["H_base"], entropies = calibrated_rule("entropy_base", a.ratio, base, rl, reqs, common, a.top_p, a.coupling)
     single_rule = DecodingRule("none", 0.0, top_p=a.top_p)
+    static_kw = {"sync_every": a.sync_every, "cuda_graph": "auto" if a.cuda_graph == "auto" else False}
     decoders = {"single": TwoModelDecoder(base, None, single_rule, **common),
-                "single static": StaticTwoModelDecoder(base, None, single_rule, sync_every=a.sync_every, **common)}
+                "single static": StaticTwoModelDecoder(base, None, single_rule, **static_kw, **common)}
     for crit, rule in rules.items():
         decoders[f"{crit} step"] = TwoModelDecoder(base, rl, rule, draft_len=1, **common)
-        decoders[f"{crit} static"] = StaticTwoModelDecoder(base, rl, rule, sync_every=a.sync_every, **common)
+        decoders[f"{crit} static"] = StaticTwoModelDecoder(base, rl, rule, **static_kw, **common)
         for k in a.draft_lens:
             decoders[f"{crit} spec({k})"] = TwoModelDecoder(base, rl, rule, draft_len=k, **common)
         if not a.no_auto:
