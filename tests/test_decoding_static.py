@@ -136,6 +136,7 @@ def test_same_tokens_as_the_step_loop_for_every_criterion(models, models32, name
             if exact:
                 np.testing.assert_allclose(y.scores, x.scores, rtol=1e-9, atol=1e-12)
         assert dec.stats.tokens == sum(len(r.tokens) for r in ref)
+        assert dec.projects_fired_rows_only == (name in _engine_tests.PROPOSER_ONLY)  # as the step loop
     assert any(r.finish_reason == "eos" for r in ref)
     if name not in ("none", "all-gamma0"):
         assert 0 < replace_ratio(ref) < 1

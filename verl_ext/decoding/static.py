@@ -45,7 +45,16 @@ from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 from verl_ext.decoding import rng
 from verl_ext.decoding.criteria import can_fire
 from verl_ext.decoding.engine import DecodeResult, Request
-from verl_ext.decoding.sampler import DecodingRule, two_stage_step, two_stage_step_all_rows
+from verl_ext.decoding.sampler import (
+    DecodingRule,
+    StepOutcome,
+    evaluate_gate_on_proposer,
+    gate_reads_proposer_only,
+    propose,
+    resample,
+    two_stage_step,
+    two_stage_step_all_rows,
+)
 from verl_ext.distributions import log_softmax
 
 SUPPORTED_MODEL_TYPES = frozenset({"qwen2", "qwen3", "llama", "mistral"})
@@ -115,11 +124,13 @@ def grouped_decode_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.
     return out.reshape(s, 1, h * d)
 
 
-def decode_forward(model, kv: StaticKV, tokens: torch.Tensor, lengths: torch.Tensor, width: int) -> torch.Tensor:
+def decode_forward(model, kv: StaticKV, tokens: torch.Tensor, lengths: torch.Tensor, width: int,
+                   project: bool = True) -> torch.Tensor:
     """Logits [S, V] of each slot's next token: token s at position ℓ_s = lengths[s], its keys and
     values written into column ℓ_s of the cache, attending to columns 0..ℓ_s (width ≥ max ℓ + 1 of
     the rows that matter). The transformers modules of `model` do the projections, norms, rotary
-    embedding and MLP; only the cache layout and the attention are ours."""
+    embedding and MLP; only the cache layout and the attention are ours. `project=False`: the final
+    hidden states [S, D] instead (logits = `model.lm_head` of them)."""
     body = model.model
     h = body.embed_tokens(tokens[:, None])
     pos = lengths[:, None]
@@ -135,7 +146,8 @@ def decode_forward(model, kv: StaticKV, tokens: torch.Tensor, lengths: torch.Ten
         a = grouped_decode_attention(q, kv.keys[i][:, :, :width], kv.values[i][:, :, :width], mask, attn.scaling)
         h = h + attn.o_proj(a)
         h = h + layer.mlp(layer.post_attention_layernorm(h))
-    return model.lm_head(body.norm(h))[:, 0]
+    h = body.norm(h)[:, 0]
+    return model.lm_head(h) if project else h
 
 
 def prefill(model, kv: StaticKV, slots: torch.Tensor, tokens: torch.Tensor) -> None:
@@ -227,6 +239,8 @@ class StaticTwoModelDecoder:
         # the sampler: fixed shapes (`two_stage_step_all_rows`) inside a graph, else the fired rows only
         self.sync_free = self.use_graph
         self.split_devices = None  # None: split the step per device when the models' devices differ
+        # a gate read from the proposer alone is decided before the scorer's log-probs are needed
+        self.early_gate = self.scorer is not None and gate_reads_proposer_only(rule)
         self._kv: list[StaticKV] | None = None
         self._graphs: dict[int, list] = {}
 
@@ -348,10 +362,34 @@ class StaticTwoModelDecoder:
 
     # ------------------------------------------------------------------ the step
 
+    @property
+    def projects_fired_rows_only(self) -> bool:
+        """Eagerly on one device with a gate read from the proposer alone: the scorer's output
+        projection runs at the fired rows only (as in `TwoModelDecoder`), not at every row."""
+        return self.early_gate and not (self.sync_free or self.use_graph or self.two_devices)
+
     def _forward(self, j: int, width: int) -> None:
-        """Model j (0 = proposer, 1 = scorer) on the pending tokens: its log-probs into `self.logp[j]`."""
+        """Model j (0 = proposer, 1 = scorer) on the pending tokens: its log-probs into `self.logp[j]`
+        (the scorer's final hidden states into `self.hidden_scorer` when it projects fired rows only)."""
         tokens, lengths = (self.pending, self.lengths) if j == 0 else (self.pending_s, self.lengths_s)
+        if j == 1 and self.projects_fired_rows_only:
+            self.hidden_scorer = decode_forward(self.models[1], self._kv[1], tokens, lengths, width, project=False)
+            return
         self.logp[j].copy_(log_softmax(decode_forward(self.models[j], self._kv[j], tokens, lengths, width)))
+
+    def _early_gate_step(self, u: list[torch.Tensor]) -> StepOutcome:
+        """`two_stage_step` for a gate read from the proposer alone, with the scorer's log-probs
+        computed at the fired rows only (the step loop's early gate: the same values)."""
+        logp_prop = self.logp[0]
+        proposal = propose(logp_prop, u[0], self.rule)
+        score, fired = evaluate_gate_on_proposer(logp_prop, proposal, u[1], self.rule)
+        token = proposal.clone()
+        rows = fired.nonzero(as_tuple=True)[0]
+        if rows.numel():
+            logp_score = log_softmax(self.scorer.lm_head(self.hidden_scorer[rows]))
+            lb, lr = (logp_prop[rows], logp_score) if self.proposer is self.base else (logp_score, logp_prop[rows])
+            token[rows] = resample(lb, lr, proposal[rows], u[2][rows], self.rule)
+        return StepOutcome(token=token, fired=fired, score=score)
 
     def _sample_and_advance(self) -> None:
         """The two-stage step on both log-probs, then the bookkeeping; finished rows stay frozen."""
@@ -362,8 +400,11 @@ class StaticTwoModelDecoder:
         else:
             logp_score = self.logp_scorer_here
             logp_base, logp_rl = (logp_prop, logp_score) if self.proposer is self.base else (logp_score, logp_prop)
-        step = two_stage_step_all_rows if self.sync_free else two_stage_step
-        out = step(logp_base, logp_rl, *u, self.rule)
+        if self.projects_fired_rows_only:
+            out = self._early_gate_step(u)
+        else:
+            step = two_stage_step_all_rows if self.sync_free else two_stage_step
+            out = step(logp_base, logp_rl, *u, self.rule)
         score = out.score.to(torch.float32)
         live = ~self.done
         col = self.n_out[:, None]
