@@ -183,6 +183,17 @@ def test_resume_refuses_shards_of_other_settings_but_not_of_other_speed_settings
     # without speculative rounds the proposer drafts whatever draft_model says: still this sweep's shards
     pd.testing.assert_frame_equal(
         table(sweep.run(make_cfg(out, "decoding.speculative=false", "decoding.draft_model=scorer"))), table(summary))
+    pd.testing.assert_frame_equal(
+        table(sweep.run(make_cfg(out, "decoding.static_cache=true", "decoding.draft_model=scorer"))), table(summary))
+
+
+def test_static_caches_give_the_same_sweep(swept, tmp_path):
+    """`decoding.static_cache=true` decodes the step loop on static caches: the same shards, from scratch."""
+    src, summary, _ = swept
+    out = tmp_path / "static"
+    pd.testing.assert_frame_equal(table(sweep.run(make_cfg(out, "decoding.static_cache=true"))), table(summary))
+    pd.testing.assert_frame_equal(all_rows(out).drop(columns=["run"], errors="ignore"),
+                                  all_rows(src).drop(columns=["run"], errors="ignore"))
 
 
 # ----------------------------------------------------------------------------- 3. the script

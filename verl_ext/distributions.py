@@ -70,7 +70,7 @@ def top_p_mask(logp: torch.Tensor, top_p: float) -> torch.Tensor:
     # (a partial sort), and fully sort only the rows whose nucleus may reach past them. Ties are
     # broken by token id everywhere, so both paths give the same set.
     k = min(_NUCLEUS_CANDIDATES, vocab)
-    if k == vocab:
+    if k == vocab or must_not_sync(flat):
         return _nucleus_by_sorting(flat, top_p).view(logp.shape)
     _, top_ids = torch.topk(flat, k, dim=-1)
     by_id = torch.sort(top_ids, dim=-1).values  # candidates in (log-prob descending, id ascending) order:
@@ -86,6 +86,13 @@ def top_p_mask(logp: torch.Tensor, top_p: float) -> torch.Tensor:
 
 
 _NUCLEUS_CANDIDATES = 64
+
+
+def must_not_sync(t: torch.Tensor) -> bool:
+    """True while a CUDA graph is being captured on `t`'s device: no host synchronisation and no
+    data-dependent shapes are allowed, so `top_p_mask` takes its one fixed-shape path (a full sort,
+    which gives the same set as the candidate path)."""
+    return t.is_cuda and torch.cuda.is_current_stream_capturing()
 
 
 def _nucleus_by_sorting(flat: torch.Tensor, top_p: float) -> torch.Tensor:

@@ -5,11 +5,14 @@
 - `rng`: per-sequence counter-based random streams (batch-independent draws).
 - `engine`: `TwoModelDecoder`, continuous batching with one KV cache per model and exact
   speculative rounds (`draft_len > 1`).
+- `static`: `StaticTwoModelDecoder`, the step loop on static KV caches with one fixed-shape step
+  (a CUDA graph on a GPU); the same tokens as `TwoModelDecoder(draft_len=1)`.
 - `sweep`: the hydra entry point of the criterion × threshold sweeps.
 """
 
 from verl_ext.decoding.criteria import CRITERIA, get_criterion
 from verl_ext.decoding.engine import DecodeResult, Request, TwoModelDecoder, replace_ratio
 from verl_ext.decoding.sampler import DecodingRule
+from verl_ext.decoding.static import StaticTwoModelDecoder
 
-__all__ = ["CRITERIA", "DecodeResult", "DecodingRule", "Request", "TwoModelDecoder", "get_criterion", "replace_ratio"]
+__all__ = ["CRITERIA", "DecodeResult", "DecodingRule", "Request", "StaticTwoModelDecoder", "TwoModelDecoder", "get_criterion", "replace_ratio"]

@@ -35,7 +35,7 @@ from dataclasses import dataclass
 
 import torch
 
-from verl_ext.decoding.criteria import GateInputs, criterion_score, gate, gate_reads, get_criterion
+from verl_ext.decoding.criteria import GateInputs, can_fire, criterion_score, gate, gate_reads, get_criterion
 from verl_ext.distributions import extrapolated_log_softmax, log_softmax, top_p_log_softmax
 
 ACTIONS = ("replace", "extrapolate")
@@ -260,13 +260,15 @@ def fire_probability(
     return gate(name, score, rule.threshold).to(torch.float64).unsqueeze(-1)
 
 
-def fired_proposal_probs(logp_base: torch.Tensor, logp_rl: torch.Tensor, rule: DecodingRule) -> torch.Tensor:
+def fired_proposal_probs(logp_base: torch.Tensor, logp_rl: torch.Tensor, rule: DecodingRule,
+                         p_prop: torch.Tensor | None = None) -> torch.Tensor:
     """p_F = law of ŷ given that the gate fired, `[N, V]` float64:  p_F(v) ∝ p_prop(v)·G(v).
 
     Only `delta_logp` looks at ŷ; every other gate is a function of the prefix (and of an
-    independent uniform), so there p_F = p_prop.
+    independent uniform), so there p_F = p_prop. `p_prop`: `proposal_probs`, when already computed.
     """
-    p = proposal_probs(logp_base, logp_rl, rule) * fire_probability(logp_base, logp_rl, rule)
+    p = p_prop if p_prop is not None else proposal_probs(logp_base, logp_rl, rule)
+    p = p * fire_probability(logp_base, logp_rl, rule)
     return p / p.sum(-1, keepdim=True)
 
 
@@ -294,7 +296,7 @@ def speculative_accept(
 
 def resample(
     logp_base: torch.Tensor, logp_rl: torch.Tensor, proposal: torch.Tensor, u_resample: torch.Tensor,
-    rule: DecodingRule,
+    rule: DecodingRule, p_prop: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Step 3 at N positions where the gate fired on `proposal` ŷ: y ~ q (`resampling_probs`), `[N]`.
 
@@ -303,12 +305,12 @@ def resample(
     fired is p_F (`fired_proposal_probs`): y = ŷ with probability 1 − TV(p_F, q), the most any draw
     of y ~ q keeps ŷ. Where π_RL is close to π_B this is close to 1 for gates that ignore ŷ, so the
     speculative draft (which continues with ŷ) is rarely cut; for Δlog p < τ, p_F sits where q is
-    small, and little is gained.
+    small, and little is gained. `p_prop`: `proposal_probs`, when already computed.
     """
     q = resampling_probs(logp_base, logp_rl, rule)
     if rule.coupling == "independent":
         return sample_from_probs(q, u_resample)
-    return speculative_accept(q, fired_proposal_probs(logp_base, logp_rl, rule), proposal, u_resample)
+    return speculative_accept(q, fired_proposal_probs(logp_base, logp_rl, rule, p_prop), proposal, u_resample)
 
 
 @dataclass(frozen=True)
@@ -442,6 +444,28 @@ def gate_and_resample(
     if rows.numel():
         token[rows] = resample(logp_base[rows], logp_rl[rows], proposal[rows], u_resample[rows], rule)
     return StepOutcome(token=token, fired=fired, score=score)
+
+
+def two_stage_step_all_rows(
+    logp_base: torch.Tensor,
+    logp_rl: torch.Tensor,
+    u_proposal: torch.Tensor,
+    u_gate: torch.Tensor,
+    u_resample: torch.Tensor,
+    rule: DecodingRule,
+) -> StepOutcome:
+    """`two_stage_step` with fixed shapes and no host synchronisation (CUDA-graph safe):
+    y_i = ŷ_i where g_i = 0, else y_i ~ q_i, with the resample drawn at every position and kept
+    where the gate fired. Positions are independent and draw from their own uniforms, so tokens,
+    flags and scores are `two_stage_step`'s; the price is the resampling work at unfired rows
+    (the proposal's nucleus is computed once, for the proposal and for the coupling's p_F)."""
+    log_p = proposal_log_probs(logp_base, logp_rl, rule)  # = `propose`'s law
+    proposal = sample_from_log_probs(log_p, u_proposal)
+    score, fired = evaluate_gate(logp_base, logp_rl, proposal, u_gate, rule)
+    if not can_fire(rule.criterion):
+        return StepOutcome(token=proposal, fired=fired, score=score)
+    resampled = resample(logp_base, logp_rl, proposal, u_resample, rule, p_prop=log_p.to(torch.float64).exp())
+    return StepOutcome(token=torch.where(fired, resampled, proposal), fired=fired, score=score)
 
 
 def two_stage_step(

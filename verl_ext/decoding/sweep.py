@@ -157,16 +157,17 @@ class ShardWorker:
 
     def decoder(self, spec: RunSpec, max_new_tokens: int | None = None):
         from verl_ext.decoding.engine import TwoModelDecoder
+        from verl_ext.decoding.static import StaticTwoModelDecoder
 
         base, rl, tok, _problems, eos = self._load()
         d = self.cfg.decoding
-        return TwoModelDecoder(
-            base, rl, rule_for(self.cfg, spec), eos_token_ids=eos,
-            pad_token_id=tok.pad_token_id if tok.pad_token_id is not None else eos[0],
-            max_new_tokens=max_new_tokens or d.max_new_tokens, seed=spec.seed,
-            draft_len=d.draft_len if d.speculative else 1, max_batch_size=d.max_batch_size,
-            draft_model=effective_draft_model(d),
-        )
+        common = {"eos_token_ids": eos, "pad_token_id": tok.pad_token_id if tok.pad_token_id is not None else eos[0],
+                  "max_new_tokens": max_new_tokens or d.max_new_tokens, "seed": spec.seed,
+                  "max_batch_size": d.max_batch_size}
+        if d.get("static_cache", False):  # the step loop's tokens on static caches (CUDA graphs on a GPU)
+            return StaticTwoModelDecoder(base, rl, rule_for(self.cfg, spec), **common)
+        return TwoModelDecoder(base, rl, rule_for(self.cfg, spec), draft_len=d.draft_len if d.speculative else 1,
+                               draft_model=effective_draft_model(d), **common)
 
     def generate(self, spec: RunSpec, start: int, stop: int, n: int, max_new_tokens: int | None = None):
         """[(problem index, sample index, DecodeResult)] for problems[start:stop] × n samples."""
@@ -630,12 +631,13 @@ def validate(cfg: DictConfig) -> None:
 
 
 # Decoding settings that change speed only: the tokens are the same for any value (tested).
-SPEED_ONLY_DECODING_KEYS = ("speculative", "draft_len", "max_draft_len", "max_batch_size")
+SPEED_ONLY_DECODING_KEYS = ("speculative", "draft_len", "max_draft_len", "max_batch_size", "static_cache")
 
 
 def effective_draft_model(decoding) -> str:
-    """The step-by-step loop (speculative=false) always drafts with the proposer."""
-    return decoding.get("draft_model", "proposer") if decoding.get("speculative", True) else "proposer"
+    """The step-by-step loop (speculative=false, or static caches) always drafts with the proposer."""
+    step_loop = decoding.get("static_cache", False) or not decoding.get("speculative", True)
+    return "proposer" if step_loop else decoding.get("draft_model", "proposer")
 
 
 def shard_settings(cfg: DictConfig) -> dict:
