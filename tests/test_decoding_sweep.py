@@ -280,7 +280,7 @@ def test_rows_without_ground_truth_are_refused(tmp_path):
 
 
 def test_script_error_is_one_line_exit_2(tmp_path):
-    rc, stdout, stderr = run_script(f"output_dir={tmp_path}", "sweep.gammas=[-0.1]", script="run_extrapolation.sh")
+    rc, _, stderr = run_script(f"output_dir={tmp_path}", "sweep.gammas=[-0.1]", script="run_extrapolation.sh")
     assert rc == 2
     assert stderr.strip().splitlines()[-1] == (
         "[extrapolation] error: sweep.gammas[0]=-0.1 is invalid; valid: a number >= 0")
