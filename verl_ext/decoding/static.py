@@ -189,6 +189,12 @@ def bucket_for(width: int, buckets: Sequence[int]) -> int:
 # ----------------------------------------------------------------------------- decoder
 
 
+def _replay_on(device: torch.device, graph) -> None:
+    """Replay a CUDA graph on the current stream of the device it was captured on."""
+    with torch.cuda.device(device):
+        graph.replay()
+
+
 @dataclass
 class StaticStats:
     steps: int = 0  # step replays (every slot advances or idles)
@@ -431,7 +437,7 @@ class StaticTwoModelDecoder:
         """One step of every slot: the captured graphs of the width's bucket, or the pieces eagerly."""
         self.stats.steps += 1
         if self.use_graph:
-            run = [g.replay for g in self._graphs[bucket_for(width, self.buckets)]]
+            run = [lambda dev=dev, g=g: _replay_on(dev, g) for dev, g in self._graphs[bucket_for(width, self.buckets)]]
         else:
             run = [lambda group=group: [fn() for _, fn in group] for group in self._pieces(width)]
         if not self.two_devices:
@@ -466,7 +472,8 @@ class StaticTwoModelDecoder:
                             fn()
                     if not self.two_devices:
                         pool = g.pool()
-                graphs.append(g)
+                graphs.append((dev, g))
                 self.stats.graphs += 1
             self._graphs[width] = graphs
-        torch.cuda.synchronize()
+        for dev in set(self.devices):
+            torch.cuda.synchronize(dev)
