@@ -35,7 +35,7 @@ KV heads, `lm_head(final hidden state)`) without sliding-window layers.
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -189,10 +189,28 @@ def bucket_for(width: int, buckets: Sequence[int]) -> int:
 # ----------------------------------------------------------------------------- decoder
 
 
-def _replay_on(device: torch.device, graph) -> None:
-    """Replay a CUDA graph on the current stream of the device it was captured on."""
+def capture_graph(device: torch.device, body: Callable[[], None], pool=None) -> tuple[Callable[[], None], object]:
+    """Run `body` twice on a side stream of `device` (allocator, cuBLAS workspaces, kernel selection),
+    capture it as a `torch.cuda.CUDAGraph` into memory pool `pool` (None: a new one), and return
+    (replay, the graph's pool). `replay()` relaunches the captured kernels on `device`'s current
+    stream: the same work on the same buffers, with no Python and no host synchronisation."""
     with torch.cuda.device(device):
-        graph.replay()
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            for _ in range(2):
+                body()
+        torch.cuda.current_stream().wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, pool=pool):
+            body()
+        torch.cuda.synchronize(device)
+
+    def replay() -> None:
+        with torch.cuda.device(device):
+            graph.replay()
+
+    return replay, graph.pool()
 
 
 @dataclass
@@ -323,7 +341,7 @@ class StaticTwoModelDecoder:
             self.pending_s, self.lengths_s = self.pending, self.lengths
             self.logp_scorer_here = self.logp[-1]
         self._graphs = {}
-        self.buckets = width_buckets(max_len)
+        self.buckets = width_buckets(max_len, WIDTH_QUANTUM)
         if self.use_graph:
             self._capture_all()
 
@@ -437,7 +455,7 @@ class StaticTwoModelDecoder:
         """One step of every slot: the captured graphs of the width's bucket, or the pieces eagerly."""
         self.stats.steps += 1
         if self.use_graph:
-            run = [lambda dev=dev, g=g: _replay_on(dev, g) for dev, g in self._graphs[bucket_for(width, self.buckets)]]
+            run = self._graphs[bucket_for(width, self.buckets)]
         else:
             run = [lambda group=group: [fn() for _, fn in group] for group in self._pieces(width)]
         if not self.two_devices:
@@ -451,29 +469,16 @@ class StaticTwoModelDecoder:
         self.lengths_s.copy_(self.lengths)
 
     def _capture_all(self) -> None:
-        """Capture the step for every width bucket. All slots are empty (done, frozen), so the warm-up
-        and capture runs change nothing that a later admission does not overwrite."""
+        """Capture the step for every width bucket (one graph, or one per device). All slots are empty
+        (done, frozen), so the warm-up and capture runs change nothing that a later admission does not
+        overwrite. On one device all graphs share one memory pool (they never run at the same time)."""
         pool = None
         for width in self.buckets:
             graphs = []
             for group in self._pieces(width):
-                dev = group[0][0]
-                with torch.cuda.device(dev):
-                    side = torch.cuda.Stream()
-                    side.wait_stream(torch.cuda.current_stream())
-                    with torch.cuda.stream(side):
-                        for _ in range(2):  # warm-up: allocator, cuBLAS workspaces, kernel selection
-                            for _, fn in group:
-                                fn()
-                    torch.cuda.current_stream().wait_stream(side)
-                    g = torch.cuda.CUDAGraph()
-                    with torch.cuda.graph(g, pool=pool if not self.two_devices else None):
-                        for _, fn in group:
-                            fn()
-                    if not self.two_devices:
-                        pool = g.pool()
-                graphs.append((dev, g))
+                body = lambda group=group: [fn() for _, fn in group]
+                replay, graph_pool = capture_graph(group[0][0], body, pool=None if self.two_devices else pool)
+                pool = pool if self.two_devices else graph_pool
+                graphs.append(replay)
                 self.stats.graphs += 1
             self._graphs[width] = graphs
-        for dev in set(self.devices):
-            torch.cuda.synchronize(dev)
