@@ -8,6 +8,7 @@
 #   5. bench_decoding 1.5b, b=128 the same
 #   6. bench_decoding 7b,   b=128 the same
 #   7. bench_token_metrics L=4096 (default tiny model, then a 1.5B-shaped bf16 pair)
+#   8. bench_decoding 1.5b, b=32 with --compile-layers (torch.compile of each layer's pure parts), if time is left
 #
 # Each step gets min(its own limit, the time left of BUDGET_S) and is skipped when less than
 # MIN_STEP_S is left; its output goes to $OUT/raw/<step>.txt, then gpu_summary.py writes
@@ -17,13 +18,13 @@
 #   bash benchmarks/gpu_check.sh                                   # on the GPU machine (python3 there)
 #   SMOKE=1 OUT=/tmp/gpu_smoke PYTHON=.venv/bin/python bash benchmarks/gpu_check.sh   # CPU dry run, ~1 min
 #
-# Environment: OUT (default ./outputs/gpu_check), BUDGET_S (default 450), MIN_STEP_S (default 20),
+# Environment: OUT (default ./outputs/gpu_check), BUDGET_S (default 470), MIN_STEP_S (default 20),
 # PYTHON (default python3), SMOKE=1 (CPU, tiny shapes, one repeat: checks the script, measures nothing).
 set -u
 cd "$(dirname "$0")/.."
 ROOT=$(pwd)
 OUT=${OUT:-$ROOT/outputs/gpu_check}
-BUDGET_S=${BUDGET_S:-450}
+BUDGET_S=${BUDGET_S:-470}
 MIN_STEP_S=${MIN_STEP_S:-20}
 PY=${PYTHON:-python3}
 case $PY in */*) PY=$(cd "$(dirname "$PY")" && pwd)/$(basename "$PY") ;; esac  # steps run in benchmarks/
@@ -99,6 +100,7 @@ step bench_1.5b_b128 70 "$PY" bench_decoding.py $SHAPE_15 --batch $B_LARGE $BENC
 step bench_7b_b128 80 "$PY" bench_decoding.py $SHAPE_7 --batch $B_LARGE $BENCH --no-spec --no-official
 step metrics_L4096 45 "$PY" bench_token_metrics.py $METRICS
 step metrics_1.5b_L4096 60 "$PY" bench_token_metrics.py $METRICS_15
+step bench_1.5b_b32_compiled 100 "$PY" bench_decoding.py $SHAPE_15 --batch $B_SMALL $BENCH --no-spec --no-official --compile-layers
 cd "$ROOT"
 
 "$PY" benchmarks/gpu_summary.py "$RAW" >"$OUT/summary.md" 2>&1

@@ -235,6 +235,15 @@ def test_captured_steps_replayed_per_width_bucket_give_the_step_loops_tokens(mod
         assert dec.buckets == [4, 8, 16] and dec.stats.graphs == 3 * (3 if dec.two_devices else 1)
 
 
+def test_compiled_layers_give_the_same_tokens(models):
+    """`compile_layers=True` (torch.compile of each layer's pure parts): float64, the step loop's tokens."""
+    base, rl = models
+    for name in ("delta_logp", "entropy_base"):
+        ref = decoder(base, rl, RULES[name], seed=11).generate(REQS)
+        dec = static(base, rl, RULES[name], seed=11, max_batch_size=4, compile_layers=True)
+        assert [(r.tokens, r.replaced) for r in dec.generate(REQS)] == [(r.tokens, r.replaced) for r in ref], name
+
+
 def test_single_model_decoding_is_the_proposer_alone(models):
     base, rl = models
     plain = static(base, None, DecodingRule("none", 0.0, top_p=0.8), seed=2).generate(REQS)

@@ -124,28 +124,56 @@ def grouped_decode_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.
     return out.reshape(s, 1, h * d)
 
 
+def attention_inputs(layer, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
+    """q [B, H, T, d], k and v [B, H_kv, T, d] of decoder `layer` for hidden states h [B, T, D]:
+    input RMSNorm, projections, rotary embedding (cos, sin of the positions)."""
+    q, k, v = _project_qkv(layer.self_attn, layer.input_layernorm(h))
+    q, k = apply_rotary_pos_emb(q, k, cos, sin)
+    return q, k, v
+
+
+def attention_output_and_mlp(layer, h: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
+    """h' = h + o_proj(a);  h'' = h' + MLP(RMSNorm(h')): the rest of decoder `layer` after attention."""
+    h = h + layer.self_attn.o_proj(a)
+    return h + layer.mlp(layer.post_attention_layernorm(h))
+
+
+_COMPILED: dict = {}
+
+
+def compiled(fn):
+    """`torch.compile(fn, dynamic=False)`, made once per function: fuses the norms, rotary embedding,
+    residual adds and activations of a layer into few kernels. Compiled are only the pure parts of
+    a layer (`attention_inputs`, `attention_output_and_mlp`); the cache write and the attention stay
+    eager, so no cache tensor is a mutated graph input."""
+    if fn not in _COMPILED:
+        _COMPILED[fn] = torch.compile(fn, dynamic=False)
+    return _COMPILED[fn]
+
+
 def decode_forward(model, kv: StaticKV, tokens: torch.Tensor, lengths: torch.Tensor, width: int,
-                   project: bool = True) -> torch.Tensor:
+                   project: bool = True, compile_layers: bool = False) -> torch.Tensor:
     """Logits [S, V] of each slot's next token: token s at position ℓ_s = lengths[s], its keys and
     values written into column ℓ_s of the cache, attending to columns 0..ℓ_s (width ≥ max ℓ + 1 of
     the rows that matter). The transformers modules of `model` do the projections, norms, rotary
     embedding and MLP; only the cache layout and the attention are ours. `project=False`: the final
-    hidden states [S, D] instead (logits = `model.lm_head` of them)."""
+    hidden states [S, D] instead (logits = `model.lm_head` of them). `compile_layers`: the layers'
+    pure parts through `compiled` (same math, other rounding)."""
     body = model.model
     h = body.embed_tokens(tokens[:, None])
     pos = lengths[:, None]
     cos, sin = body.rotary_emb(h, pos)
     mask = attention_mask(lengths, width)
+    pre, post = (compiled(attention_inputs), compiled(attention_output_and_mlp)) if compile_layers else \
+        (attention_inputs, attention_output_and_mlp)
     for i, layer in enumerate(body.layers):
-        attn = layer.self_attn
-        q, k, v = _project_qkv(attn, layer.input_layernorm(h))
-        q, k = apply_rotary_pos_emb(q, k, cos, sin)
+        q, k, v = pre(layer, h, cos, sin)
         index = pos[:, None, :, None].expand(k.shape)
         kv.keys[i].scatter_(2, index, k)
         kv.values[i].scatter_(2, index, v)
-        a = grouped_decode_attention(q, kv.keys[i][:, :, :width], kv.values[i][:, :, :width], mask, attn.scaling)
-        h = h + attn.o_proj(a)
-        h = h + layer.mlp(layer.post_attention_layernorm(h))
+        a = grouped_decode_attention(q, kv.keys[i][:, :, :width], kv.values[i][:, :, :width], mask,
+                                     layer.self_attn.scaling)
+        h = post(layer, h, a)
     h = body.norm(h)[:, 0]
     return model.lm_head(h) if project else h
 
@@ -233,11 +261,13 @@ class StaticTwoModelDecoder:
     prompt + max_new_tokens of the first `generate`, grown by later calls as needed).
     sync_every: steps between host reads of the finished flags. cuda_graph: capture the step on a
     GPU ("auto" = whenever the proposer is on CUDA); False runs it eagerly (the same tokens).
+    compile_layers: fuse each layer's pure parts with torch.compile (`compiled`; other rounding, so
+    the step loop's tokens up to near-ties). Off by default: unmeasured on a GPU so far.
     """
 
     def __init__(self, base, rl, rule: DecodingRule, *, eos_token_ids: Sequence[int], pad_token_id: int,
                  max_new_tokens: int, seed: int = 0, max_batch_size: int = 32, max_len: int | None = None,
-                 sync_every: int = 8, cuda_graph: bool | str = "auto"):
+                 sync_every: int = 8, cuda_graph: bool | str = "auto", compile_layers: bool = False):
         if rl is None and rule.criterion != "none":
             raise ValueError("single-model decoding (rl=None) needs criterion 'none'")
         if max_new_tokens < 1 or max_batch_size < 1 or sync_every < 1:
@@ -260,6 +290,7 @@ class StaticTwoModelDecoder:
         self.pad_token_id, self.max_new_tokens, self.seed = pad_token_id, max_new_tokens, seed
         self.slots, self.max_len, self.sync_every = max_batch_size, max_len, sync_every
         self.stats = StaticStats()
+        self.compile_layers = compile_layers
         # the sampler: fixed shapes (`two_stage_step_all_rows`) inside a graph, else the fired rows only
         self.sync_free = self.use_graph
         self.split_devices = None  # None: split the step per device when the models' devices differ
@@ -397,9 +428,11 @@ class StaticTwoModelDecoder:
         (the scorer's final hidden states into `self.hidden_scorer` when it projects fired rows only)."""
         tokens, lengths = (self.pending, self.lengths) if j == 0 else (self.pending_s, self.lengths_s)
         if j == 1 and self.projects_fired_rows_only:
-            self.hidden_scorer = decode_forward(self.models[1], self._kv[1], tokens, lengths, width, project=False)
+            self.hidden_scorer = decode_forward(self.models[1], self._kv[1], tokens, lengths, width, project=False,
+                                                compile_layers=self.compile_layers)
             return
-        self.logp[j].copy_(log_softmax(decode_forward(self.models[j], self._kv[j], tokens, lengths, width)))
+        logits = decode_forward(self.models[j], self._kv[j], tokens, lengths, width, compile_layers=self.compile_layers)
+        self.logp[j].copy_(log_softmax(logits))
 
     def _early_gate_step(self, u: list[torch.Tensor]) -> StepOutcome:
         """`two_stage_step` for a gate read from the proposer alone, with the scorer's log-probs
