@@ -10,7 +10,7 @@ token:
   one sequence; `lengths[s]` = ℓ_s cached tokens, so its next token is written at column ℓ_s and
   attends to columns 0..ℓ_s (`decode_forward`). A finished sequence's slot is refilled with a new
   request (prefill writes its prompt into columns 0..n−2; stale columns beyond are never read).
-- One step for all slots (`_step`): both models' forwards on the pending tokens, the gate and the
+- One step for all slots (`_pieces`, run by `_run_step`): both models' forwards on the pending tokens, the gate and the
   sampling without data-dependent shapes (`sampler.two_stage_step_all_rows`), and the bookkeeping
   (record token, flag, score at n_out; advance ℓ and n_out; done = EOS or budget reached; finished
   rows are frozen). Its inputs and outputs are static buffers, so on a GPU it is captured once per
@@ -30,7 +30,9 @@ sums over a different number of masked columns): in float32 on a CPU the same to
 a uniform falls within rounding of a CDF boundary or a score within rounding of τ.
 
 Supported models: Qwen2/Qwen3/Llama/Mistral-style causal LMs (RMSNorm, rotary embeddings, grouped
-KV heads, `lm_head(final hidden state)`) without sliding-window layers.
+KV heads, `lm_head(final hidden state)`) without sliding-window layers. Under CUDA graphs the rotary
+embedding must be one whose frequencies do not depend on the positions seen (transformers' dynamic
+and longrope variants update them on the host).
 """
 
 from __future__ import annotations
