@@ -243,6 +243,8 @@ def main():
                    "cost-model bounds")
     p.add_argument("--no-official", action="store_true", help="skip the official cost-model row")
     p.add_argument("--sync-every", type=int, default=8, help="static rows: steps between host checks")
+    p.add_argument("--compile-layers", action="store_true", help="static rows: torch.compile each layer's pure "
+                   "parts (norms, projections, rotary, MLP) inside the captured step")
     p.add_argument("--cuda-graph", default="auto", choices=["auto", "off"],
                    help="static rows: replay the step as CUDA graphs on a GPU (auto) or run it eagerly (off)")
     p.add_argument("--roofline", default="auto", choices=["auto", "on", "off"],
@@ -288,7 +290,8 @@ def main():
     rules = {"dlogp": calibrated_rule("delta_logp", a.ratio, base, rl, reqs, common, a.top_p, a.coupling)[0]}
     rules["H_base"], entropies = calibrated_rule("entropy_base", a.ratio, base, rl, reqs, common, a.top_p, a.coupling)
     single_rule = DecodingRule("none", 0.0, top_p=a.top_p)
-    static_kw = {"sync_every": a.sync_every, "cuda_graph": "auto" if a.cuda_graph == "auto" else False}
+    static_kw = {"sync_every": a.sync_every, "cuda_graph": "auto" if a.cuda_graph == "auto" else False,
+                 "compile_layers": a.compile_layers}
     decoders = {"single": TwoModelDecoder(base, None, single_rule, **common),
                 "single static": StaticTwoModelDecoder(base, None, single_rule, **static_kw, **common)}
     for crit, rule in rules.items():

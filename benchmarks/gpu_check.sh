@@ -3,10 +3,12 @@
 #
 #   1. check_static_gpu.py        static step replayed as CUDA graphs = eager = the step loop's tokens
 #   2. bench_decoding 1.5b, b=32  every row incl. speculative k=4 and π_RL drafts, with roofline fractions
-#   3. bench_decoding 7b,   b=32  single/step/static rows (--no-spec), roofline fractions
-#   4. bench_decoding 1.5b, b=128 the same
-#   5. bench_decoding 7b,   b=128 the same
-#   6. bench_token_metrics L=4096 (default tiny model, then a 1.5B-shaped bf16 pair)
+#   3. profile_static_step 1.5b   one static step: kernel time by kind, replay vs kernel sum, roofline
+#   4. bench_decoding 7b,   b=32  single/step/static rows (--no-spec), roofline fractions
+#   5. bench_decoding 1.5b, b=128 the same
+#   6. bench_decoding 7b,   b=128 the same
+#   7. bench_token_metrics L=4096 (default tiny model, then a 1.5B-shaped bf16 pair)
+#   8. bench_decoding 1.5b, b=32 with --compile-layers (torch.compile of each layer's pure parts), if time is left
 #
 # Each step gets min(its own limit, the time left of BUDGET_S) and is skipped when less than
 # MIN_STEP_S is left; its output goes to $OUT/raw/<step>.txt, then gpu_summary.py writes
@@ -16,13 +18,13 @@
 #   bash benchmarks/gpu_check.sh                                   # on the GPU machine (python3 there)
 #   SMOKE=1 OUT=/tmp/gpu_smoke PYTHON=.venv/bin/python bash benchmarks/gpu_check.sh   # CPU dry run, ~1 min
 #
-# Environment: OUT (default ./outputs/gpu_check), BUDGET_S (default 450), MIN_STEP_S (default 20),
+# Environment: OUT (default ./outputs/gpu_check), BUDGET_S (default 470), MIN_STEP_S (default 20),
 # PYTHON (default python3), SMOKE=1 (CPU, tiny shapes, one repeat: checks the script, measures nothing).
 set -u
 cd "$(dirname "$0")/.."
 ROOT=$(pwd)
 OUT=${OUT:-$ROOT/outputs/gpu_check}
-BUDGET_S=${BUDGET_S:-450}
+BUDGET_S=${BUDGET_S:-470}
 MIN_STEP_S=${MIN_STEP_S:-20}
 PY=${PYTHON:-python3}
 case $PY in */*) PY=$(cd "$(dirname "$PY")" && pwd)/$(basename "$PY") ;; esac  # steps run in benchmarks/
@@ -40,6 +42,7 @@ if [ "$SMOKE" = 1 ]; then
   BENCH="--device cpu --roofline on --repeats 1 --new-tokens 8 --prompt-len 8 --official-vllm off --official-tokens 4"
   B_SMALL=4; B_LARGE=8
   SPEC_TOKENS=""
+  PROFILE="--device cpu --new-tokens 8 --steps 3 --prompt-len 8"
   CHECK="--device cpu --requests 6 --new-tokens 6 --vocab 256"
   METRICS="--device cpu --seq-len 256 --vocab 8192 --reps 1"
   METRICS_15="--device cpu --seq-len 128 --vocab 8192 --hidden 128 --layers 2 --reps 1"
@@ -50,6 +53,7 @@ else
   BENCH="--device cuda --repeats 2 --new-tokens 64 --prompt-len 32 --official-vllm off"
   B_SMALL=32; B_LARGE=128
   SPEC_TOKENS="--new-tokens 48"  # the speculative rows are slow on a GPU: fewer tokens (the DESIGN §6 setting)
+  PROFILE="--device cuda"
   CHECK="--device cuda"
   METRICS="--device cuda --seq-len 4096"
   METRICS_15="--device cuda --seq-len 4096 --hidden 1536 --layers 28 --dtype bfloat16"
@@ -90,11 +94,13 @@ if [ "$(awk -F'\t' '$1 == "check_static" {print $2}' "$RAW/steps.tsv")" != 0 ]; 
 fi
 cd benchmarks
 step bench_1.5b_b32 150 "$PY" bench_decoding.py $SHAPE_15 --batch $B_SMALL $BENCH --draft-lens 4 --no-auto $SPEC_TOKENS
+step profile_1.5b_b32 60 "$PY" profile_static_step.py $SHAPE_15 --batch $B_SMALL $PROFILE
 step bench_7b_b32 80 "$PY" bench_decoding.py $SHAPE_7 --batch $B_SMALL $BENCH --no-spec --no-official
 step bench_1.5b_b128 70 "$PY" bench_decoding.py $SHAPE_15 --batch $B_LARGE $BENCH --no-spec --no-official
 step bench_7b_b128 80 "$PY" bench_decoding.py $SHAPE_7 --batch $B_LARGE $BENCH --no-spec --no-official
 step metrics_L4096 45 "$PY" bench_token_metrics.py $METRICS
 step metrics_1.5b_L4096 60 "$PY" bench_token_metrics.py $METRICS_15
+step bench_1.5b_b32_compiled 100 "$PY" bench_decoding.py $SHAPE_15 --batch $B_SMALL $BENCH --no-spec --no-official --compile-layers
 cd "$ROOT"
 
 "$PY" benchmarks/gpu_summary.py "$RAW" >"$OUT/summary.md" 2>&1

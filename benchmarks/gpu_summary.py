@@ -47,6 +47,11 @@ def main() -> None:
         print("\n" + "\n".join(f"- {line.strip()}" for line in tail) if tail else "\n(no result lines: see the raw log)")
         if not rows:
             print("\n```\n" + "\n".join(text.strip().splitlines()[-15:]) + "\n```")
+    for path in sorted(raw.glob("profile_*.txt")):
+        text = path.read_text(errors="replace")
+        print(f"\n## {path.stem}\n")
+        keep = [line for line in text.splitlines() if not line.startswith(("STAGE:", "USDT:", "[W", "W1"))]
+        print("```\n" + "\n".join(keep[-34:]) + "\n```")
     for path in sorted(raw.glob("metrics_*.txt")):
         text = path.read_text(errors="replace")
         print(f"\n## {path.stem}\n")

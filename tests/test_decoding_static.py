@@ -21,6 +21,7 @@ from transformers import LlamaConfig, LlamaForCausalLM, Qwen3Config, Qwen3ForCau
 
 from verl_ext import distributions
 from verl_ext.decoding import rng
+from verl_ext.decoding import static as static_module
 from verl_ext.decoding.engine import Request, replace_ratio
 from verl_ext.decoding.sampler import DecodingRule, two_stage_step, two_stage_step_all_rows
 from verl_ext.decoding.static import (
@@ -206,6 +207,41 @@ def test_the_graph_step_gives_the_same_tokens_run_eagerly(models32, monkeypatch,
         got = dec.generate(REQS)
         assert [(r.tokens, r.replaced) for r in got] == [(r.tokens, r.replaced) for r in ref], name
         assert dec.two_devices == (split_devices and name != "none")
+
+
+@pytest.mark.parametrize("split_devices", [False, True], ids=["one device", "two-device pieces"])
+def test_captured_steps_replayed_per_width_bucket_give_the_step_loops_tokens(models32, monkeypatch, split_devices):
+    """The GPU's control flow on a CPU: `capture_graph` replaced by a stand-in that runs the body
+    where the warm-ups and the capture would run (at allocation, every slot empty) and again at each
+    replay; widths bucketed from 4 up, so steps attend over stale, masked columns of refilled slots.
+    The step loop's tokens, and one graph per bucket (per device piece on two devices)."""
+    base, rl = models32
+    monkeypatch.setattr(distributions, "must_not_sync", lambda t: True)
+    monkeypatch.setattr(static_module, "WIDTH_QUANTUM", 4)
+
+    def capture_stand_in(device, body, pool=None):
+        for _ in range(3):
+            body()
+        return body, pool
+
+    monkeypatch.setattr(static_module, "capture_graph", capture_stand_in)
+    for name in ("delta_logp", "entropy_base", "table1-rl-proposal", "none"):
+        ref = decoder(base, rl, RULES[name], seed=2, draft_len=1).generate(REQS)
+        dec = static(base, rl, RULES[name], seed=2, max_batch_size=4, sync_every=3)
+        dec.use_graph = dec.sync_free = True
+        dec.split_devices = split_devices
+        got = dec.generate(REQS)
+        assert [(r.tokens, r.replaced) for r in got] == [(r.tokens, r.replaced) for r in ref], name
+        assert dec.buckets == [4, 8, 16] and dec.stats.graphs == 3 * (3 if dec.two_devices else 1)
+
+
+def test_compiled_layers_give_the_same_tokens(models):
+    """`compile_layers=True` (torch.compile of each layer's pure parts): float64, the step loop's tokens."""
+    base, rl = models
+    for name in ("delta_logp", "entropy_base"):
+        ref = decoder(base, rl, RULES[name], seed=11).generate(REQS)
+        dec = static(base, rl, RULES[name], seed=11, max_batch_size=4, compile_layers=True)
+        assert [(r.tokens, r.replaced) for r in dec.generate(REQS)] == [(r.tokens, r.replaced) for r in ref], name
 
 
 def test_single_model_decoding_is_the_proposer_alone(models):

@@ -10,7 +10,7 @@ token:
   one sequence; `lengths[s]` = ℓ_s cached tokens, so its next token is written at column ℓ_s and
   attends to columns 0..ℓ_s (`decode_forward`). A finished sequence's slot is refilled with a new
   request (prefill writes its prompt into columns 0..n−2; stale columns beyond are never read).
-- One step for all slots (`_step`): both models' forwards on the pending tokens, the gate and the
+- One step for all slots (`_pieces`, run by `_run_step`): both models' forwards on the pending tokens, the gate and the
   sampling without data-dependent shapes (`sampler.two_stage_step_all_rows`), and the bookkeeping
   (record token, flag, score at n_out; advance ℓ and n_out; done = EOS or budget reached; finished
   rows are frozen). Its inputs and outputs are static buffers, so on a GPU it is captured once per
@@ -30,12 +30,14 @@ sums over a different number of masked columns): in float32 on a CPU the same to
 a uniform falls within rounding of a CDF boundary or a score within rounding of τ.
 
 Supported models: Qwen2/Qwen3/Llama/Mistral-style causal LMs (RMSNorm, rotary embeddings, grouped
-KV heads, `lm_head(final hidden state)`) without sliding-window layers.
+KV heads, `lm_head(final hidden state)`) without sliding-window layers. Under CUDA graphs the rotary
+embedding must be one whose frequencies do not depend on the positions seen (transformers' dynamic
+and longrope variants update them on the host).
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -124,28 +126,56 @@ def grouped_decode_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.
     return out.reshape(s, 1, h * d)
 
 
+def attention_inputs(layer, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
+    """q [B, H, T, d], k and v [B, H_kv, T, d] of decoder `layer` for hidden states h [B, T, D]:
+    input RMSNorm, projections, rotary embedding (cos, sin of the positions)."""
+    q, k, v = _project_qkv(layer.self_attn, layer.input_layernorm(h))
+    q, k = apply_rotary_pos_emb(q, k, cos, sin)
+    return q, k, v
+
+
+def attention_output_and_mlp(layer, h: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
+    """h' = h + o_proj(a);  h'' = h' + MLP(RMSNorm(h')): the rest of decoder `layer` after attention."""
+    h = h + layer.self_attn.o_proj(a)
+    return h + layer.mlp(layer.post_attention_layernorm(h))
+
+
+_COMPILED: dict = {}
+
+
+def compiled(fn):
+    """`torch.compile(fn, dynamic=False)`, made once per function: fuses the norms, rotary embedding,
+    residual adds and activations of a layer into few kernels. Compiled are only the pure parts of
+    a layer (`attention_inputs`, `attention_output_and_mlp`); the cache write and the attention stay
+    eager, so no cache tensor is a mutated graph input."""
+    if fn not in _COMPILED:
+        _COMPILED[fn] = torch.compile(fn, dynamic=False)
+    return _COMPILED[fn]
+
+
 def decode_forward(model, kv: StaticKV, tokens: torch.Tensor, lengths: torch.Tensor, width: int,
-                   project: bool = True) -> torch.Tensor:
+                   project: bool = True, compile_layers: bool = False) -> torch.Tensor:
     """Logits [S, V] of each slot's next token: token s at position ℓ_s = lengths[s], its keys and
     values written into column ℓ_s of the cache, attending to columns 0..ℓ_s (width ≥ max ℓ + 1 of
     the rows that matter). The transformers modules of `model` do the projections, norms, rotary
     embedding and MLP; only the cache layout and the attention are ours. `project=False`: the final
-    hidden states [S, D] instead (logits = `model.lm_head` of them)."""
+    hidden states [S, D] instead (logits = `model.lm_head` of them). `compile_layers`: the layers'
+    pure parts through `compiled` (same math, other rounding)."""
     body = model.model
     h = body.embed_tokens(tokens[:, None])
     pos = lengths[:, None]
     cos, sin = body.rotary_emb(h, pos)
     mask = attention_mask(lengths, width)
+    pre, post = (compiled(attention_inputs), compiled(attention_output_and_mlp)) if compile_layers else \
+        (attention_inputs, attention_output_and_mlp)
     for i, layer in enumerate(body.layers):
-        attn = layer.self_attn
-        q, k, v = _project_qkv(attn, layer.input_layernorm(h))
-        q, k = apply_rotary_pos_emb(q, k, cos, sin)
+        q, k, v = pre(layer, h, cos, sin)
         index = pos[:, None, :, None].expand(k.shape)
         kv.keys[i].scatter_(2, index, k)
         kv.values[i].scatter_(2, index, v)
-        a = grouped_decode_attention(q, kv.keys[i][:, :, :width], kv.values[i][:, :, :width], mask, attn.scaling)
-        h = h + attn.o_proj(a)
-        h = h + layer.mlp(layer.post_attention_layernorm(h))
+        a = grouped_decode_attention(q, kv.keys[i][:, :, :width], kv.values[i][:, :, :width], mask,
+                                     layer.self_attn.scaling)
+        h = post(layer, h, a)
     h = body.norm(h)[:, 0]
     return model.lm_head(h) if project else h
 
@@ -189,6 +219,30 @@ def bucket_for(width: int, buckets: Sequence[int]) -> int:
 # ----------------------------------------------------------------------------- decoder
 
 
+def capture_graph(device: torch.device, body: Callable[[], None], pool=None) -> tuple[Callable[[], None], object]:
+    """Run `body` twice on a side stream of `device` (allocator, cuBLAS workspaces, kernel selection),
+    capture it as a `torch.cuda.CUDAGraph` into memory pool `pool` (None: a new one), and return
+    (replay, the graph's pool). `replay()` relaunches the captured kernels on `device`'s current
+    stream: the same work on the same buffers, with no Python and no host synchronisation."""
+    with torch.cuda.device(device):
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            for _ in range(2):
+                body()
+        torch.cuda.current_stream().wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, pool=pool):
+            body()
+        torch.cuda.synchronize(device)
+
+    def replay() -> None:
+        with torch.cuda.device(device):
+            graph.replay()
+
+    return replay, graph.pool()
+
+
 @dataclass
 class StaticStats:
     steps: int = 0  # step replays (every slot advances or idles)
@@ -209,11 +263,13 @@ class StaticTwoModelDecoder:
     prompt + max_new_tokens of the first `generate`, grown by later calls as needed).
     sync_every: steps between host reads of the finished flags. cuda_graph: capture the step on a
     GPU ("auto" = whenever the proposer is on CUDA); False runs it eagerly (the same tokens).
+    compile_layers: fuse each layer's pure parts with torch.compile (`compiled`; other rounding, so
+    the step loop's tokens up to near-ties). Off by default: unmeasured on a GPU so far.
     """
 
     def __init__(self, base, rl, rule: DecodingRule, *, eos_token_ids: Sequence[int], pad_token_id: int,
                  max_new_tokens: int, seed: int = 0, max_batch_size: int = 32, max_len: int | None = None,
-                 sync_every: int = 8, cuda_graph: bool | str = "auto"):
+                 sync_every: int = 8, cuda_graph: bool | str = "auto", compile_layers: bool = False):
         if rl is None and rule.criterion != "none":
             raise ValueError("single-model decoding (rl=None) needs criterion 'none'")
         if max_new_tokens < 1 or max_batch_size < 1 or sync_every < 1:
@@ -236,6 +292,7 @@ class StaticTwoModelDecoder:
         self.pad_token_id, self.max_new_tokens, self.seed = pad_token_id, max_new_tokens, seed
         self.slots, self.max_len, self.sync_every = max_batch_size, max_len, sync_every
         self.stats = StaticStats()
+        self.compile_layers = compile_layers
         # the sampler: fixed shapes (`two_stage_step_all_rows`) inside a graph, else the fired rows only
         self.sync_free = self.use_graph
         self.split_devices = None  # None: split the step per device when the models' devices differ
@@ -317,7 +374,7 @@ class StaticTwoModelDecoder:
             self.pending_s, self.lengths_s = self.pending, self.lengths
             self.logp_scorer_here = self.logp[-1]
         self._graphs = {}
-        self.buckets = width_buckets(max_len)
+        self.buckets = width_buckets(max_len, WIDTH_QUANTUM)
         if self.use_graph:
             self._capture_all()
 
@@ -373,9 +430,11 @@ class StaticTwoModelDecoder:
         (the scorer's final hidden states into `self.hidden_scorer` when it projects fired rows only)."""
         tokens, lengths = (self.pending, self.lengths) if j == 0 else (self.pending_s, self.lengths_s)
         if j == 1 and self.projects_fired_rows_only:
-            self.hidden_scorer = decode_forward(self.models[1], self._kv[1], tokens, lengths, width, project=False)
+            self.hidden_scorer = decode_forward(self.models[1], self._kv[1], tokens, lengths, width, project=False,
+                                                compile_layers=self.compile_layers)
             return
-        self.logp[j].copy_(log_softmax(decode_forward(self.models[j], self._kv[j], tokens, lengths, width)))
+        logits = decode_forward(self.models[j], self._kv[j], tokens, lengths, width, compile_layers=self.compile_layers)
+        self.logp[j].copy_(log_softmax(logits))
 
     def _early_gate_step(self, u: list[torch.Tensor]) -> StepOutcome:
         """`two_stage_step` for a gate read from the proposer alone, with the scorer's log-probs
@@ -431,7 +490,7 @@ class StaticTwoModelDecoder:
         """One step of every slot: the captured graphs of the width's bucket, or the pieces eagerly."""
         self.stats.steps += 1
         if self.use_graph:
-            run = [g.replay for g in self._graphs[bucket_for(width, self.buckets)]]
+            run = self._graphs[bucket_for(width, self.buckets)]
         else:
             run = [lambda group=group: [fn() for _, fn in group] for group in self._pieces(width)]
         if not self.two_devices:
@@ -445,28 +504,16 @@ class StaticTwoModelDecoder:
         self.lengths_s.copy_(self.lengths)
 
     def _capture_all(self) -> None:
-        """Capture the step for every width bucket. All slots are empty (done, frozen), so the warm-up
-        and capture runs change nothing that a later admission does not overwrite."""
+        """Capture the step for every width bucket (one graph, or one per device). All slots are empty
+        (done, frozen), so the warm-up and capture runs change nothing that a later admission does not
+        overwrite. On one device all graphs share one memory pool (they never run at the same time)."""
         pool = None
         for width in self.buckets:
             graphs = []
             for group in self._pieces(width):
-                dev = group[0][0]
-                with torch.cuda.device(dev):
-                    side = torch.cuda.Stream()
-                    side.wait_stream(torch.cuda.current_stream())
-                    with torch.cuda.stream(side):
-                        for _ in range(2):  # warm-up: allocator, cuBLAS workspaces, kernel selection
-                            for _, fn in group:
-                                fn()
-                    torch.cuda.current_stream().wait_stream(side)
-                    g = torch.cuda.CUDAGraph()
-                    with torch.cuda.graph(g, pool=pool if not self.two_devices else None):
-                        for _, fn in group:
-                            fn()
-                    if not self.two_devices:
-                        pool = g.pool()
-                graphs.append(g)
+                body = lambda group=group: [fn() for _, fn in group]
+                replay, graph_pool = capture_graph(group[0][0], body, pool=None if self.two_devices else pool)
+                pool = pool if self.two_devices else graph_pool
+                graphs.append(replay)
                 self.stats.graphs += 1
             self._graphs[width] = graphs
-        torch.cuda.synchronize()
