@@ -91,13 +91,13 @@ def check_sampling_args(n: int, temperature: float, top_p: float, top_k: int, ma
 
 def resolve_backend(backend: str) -> str:
     """"hf" | "vllm" as given; "auto" -> "vllm" wherever vLLM is installed (its CPU build included), else "hf"."""
-    from verl_ext.vllm_cpu import vllm_distribution_version, vllm_importable
+    from verl_ext.vllm_cpu import vllm_usable
 
     if backend not in BACKENDS:
         raise ValueError(f"backend={backend!r} is invalid; valid choices: {', '.join(BACKENDS)}")
     if backend != "auto":
         return backend
-    return "vllm" if vllm_importable() and vllm_distribution_version() is not None else "hf"
+    return "vllm" if vllm_usable() else "hf"
 
 
 # ----------------------------------------------------------------------------- sampling

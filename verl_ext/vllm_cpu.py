@@ -51,6 +51,11 @@ def vllm_importable() -> bool:
     return importlib.util.find_spec("vllm") is not None
 
 
+def vllm_usable() -> bool:
+    """vLLM can run here the way verl uses it: importable, and a `vllm` distribution for verl's version check."""
+    return vllm_importable() and vllm_distribution_version() is not None
+
+
 def is_cpu_build() -> bool:
     """vLLM's CPU backend is installed (the same rule vLLM uses: "cpu" in the `vllm` version)."""
     dist = vllm_distribution_version()
@@ -69,7 +74,7 @@ def installed_vllm() -> str:
 
 def require_vllm(what: str) -> None:
     """Raise ImportError naming the install command when vLLM cannot be used for `what`."""
-    if not vllm_importable() or vllm_distribution_version() is None:
+    if not vllm_usable():
         raise ImportError(f"{what} needs vLLM ({installed_vllm()}): {INSTALL_HINT}")
 
 
@@ -119,7 +124,7 @@ def rollout_problems(rollout, model_path: str, on_cpu: bool, key: str = "actor_r
     name = rollout.get("name")
     problems = []
     if name == "vllm":
-        if not vllm_importable() or vllm_distribution_version() is None:
+        if not vllm_usable():
             return [f"{key}.name=vllm needs vLLM ({installed_vllm()}): {INSTALL_HINT}"]
         if not (on_cpu and is_cpu_build()):
             return []
