@@ -394,41 +394,41 @@ def _curve_table(summary: list[dict]):
         ["accuracy", "replace_ratio", "accuracy_se"]].mean()
 
 
-def curve_errors(summary: list[dict]) -> dict[str, list[float]]:
-    """Standard errors (accuracy in %) of what `curves` draws, by label: per point of a line, one for a level."""
+def _curve_groups(summary: list[dict]):
+    """What the figure draws, as (label, rows of `_curve_table`): lines, one per criterion (× γ, labelled
+    with γ when there are several), rows by replace ratio; and reference levels: π_B (`none`, one level:
+    it does not depend on γ, nothing is ever resampled), π_RL (`all` at γ = 0) and π_Extra per γ > 0."""
     df = _curve_table(summary)
     several_gammas = df["gamma"].nunique() > 1
-    out: dict[str, list[float]] = {}
-    for (name, gamma), g in df[~df["criterion"].isin(["none", "all"])].groupby(["criterion", "gamma"]):
-        out[f"{name} (γ={gamma:g})" if several_gammas else name] = (100 * g.sort_values("replace_ratio")["accuracy_se"]).tolist()
+    lines = [
+        (f"{name} (γ={gamma:g})" if several_gammas else name, g.sort_values("replace_ratio"))
+        for (name, gamma), g in df[~df["criterion"].isin(["none", "all"])].groupby(["criterion", "gamma"])
+    ]
     base = df[df["criterion"] == "none"]
-    if len(base):
-        out["π_B (base)"] = [float(100 * base["accuracy_se"].mean())]
-    for gamma, g in df[df["criterion"] == "all"].groupby("gamma"):
-        out["π_RL" if gamma == 0 else f"π_Extra (γ={gamma:g})"] = [float(100 * g["accuracy_se"].mean())]
-    return out
+    refs = [("π_B (base)", base)] if len(base) else []
+    refs += [("π_RL" if gamma == 0 else f"π_Extra (γ={gamma:g})", g)  # π_Extra with γ = 0 is π_RL
+             for gamma, g in df[df["criterion"] == "all"].groupby("gamma")]
+    return lines, refs
+
+
+def curve_errors(summary: list[dict]) -> dict[str, list[float]]:
+    """Standard errors (accuracy in %) of what `curves` draws, by label: per point of a line, one for a level."""
+    lines, refs = _curve_groups(summary)
+    return {
+        **{label: (100 * g["accuracy_se"]).tolist() for label, g in lines},
+        **{label: [float(100 * g["accuracy_se"].mean())] for label, g in refs},
+    }
 
 
 def curves(summary: list[dict]) -> tuple[list[tuple[str, list[float], list[float]]], list[tuple[str, float, str]]]:
     """What the accuracy-vs-replace-ratio plots show, seeds averaged, accuracy in %: one
     (label, replace ratios, accuracies) line per criterion (× γ), and one (label, accuracy, colour)
     reference level per baseline (π_B = `none`; `all` = π_RL, or π_Extra per γ > 0)."""
-
-    df = _curve_table(summary)
-    several_gammas = df["gamma"].nunique() > 1
-    lines = []
-    for (name, gamma), g in df[~df["criterion"].isin(["none", "all"])].groupby(["criterion", "gamma"]):
-        g = g.sort_values("replace_ratio")
-        label = f"{name} (γ={gamma:g})" if several_gammas else name
-        lines.append((label, g["replace_ratio"].tolist(), (100 * g["accuracy"]).tolist()))
-    refs = []
-    base = df[df["criterion"] == "none"]
-    if len(base):  # π_B alone does not depend on γ (nothing is ever resampled): one level
-        refs.append(("π_B (base)", float(100 * base["accuracy"].mean()), "gray"))
-    for gamma, g in df[df["criterion"] == "all"].groupby("gamma"):
-        label = "π_RL" if gamma == 0 else f"π_Extra (γ={gamma:g})"  # π_Extra with γ = 0 is π_RL
-        refs.append((label, float(100 * g["accuracy"].mean()), "black"))
-    return lines, refs
+    lines, refs = _curve_groups(summary)
+    return (
+        [(label, g["replace_ratio"].tolist(), (100 * g["accuracy"]).tolist()) for label, g in lines],
+        [(label, float(100 * g["accuracy"].mean()), "gray" if label == "π_B (base)" else "black") for label, g in refs],
+    )
 
 
 REFERENCE_STYLES = {"π_B (base)": ("tab:gray", "--"), "π_RL": ("black", "-")}

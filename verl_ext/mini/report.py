@@ -174,15 +174,15 @@ def write_report(cfg: DictConfig, out: Path) -> Path:
     def trained(scheme):
         return [f"rl-{run_name(scheme, seed)}" for seed in cfg.seeds]
 
+    dapo = accuracy_matrix(out, trained("none"))
     verdicts = [claims.paired_accuracy_claim(
-        "RLVR (DAPO) improves the base model", "DAPO", accuracy_matrix(out, trained("none")),
-        "base", accuracy_matrix(out, ["base"]),
+        "RLVR (DAPO) improves the base model", "DAPO", dapo, "base", accuracy_matrix(out, ["base"]),
     )]
     for scheme in cfg.schemes:
         if scheme != "none":
             verdicts.append(claims.paired_accuracy_claim(
                 f"`{scheme}` weighting beats plain DAPO" + (" (the paper's Eq. 8)" if scheme == "lowprob" else ""),
-                scheme, accuracy_matrix(out, trained(scheme)), "DAPO", accuracy_matrix(out, trained("none")),
+                scheme, accuracy_matrix(out, trained(scheme)), "DAPO", dapo,
             ))
     verdicts.append(claims.low_probability_claim(rl_gen))
     calibrated = [r for r in replacement if r["criterion"] not in ("none", "all")]
