@@ -21,6 +21,8 @@ import time
 import torch
 
 from verl_ext.cpu.hf_generate import SamplingSpec, generate_batch
+from verl_ext.decoding import rng
+from verl_ext.decoding.engine import left_pad
 
 
 def parse_args():
@@ -92,13 +94,11 @@ def timed_pair(fn_a, fn_b, reps: int) -> tuple[float, float]:
 
 def run_ours(model, prompts, args):
     spec = SamplingSpec(max_tokens=args.new_tokens, temperature=args.temperature, top_p=args.top_p, top_k=args.top_k)
-    outs = generate_batch(model, prompts, [spec] * len(prompts), 0, torch.Generator().manual_seed(2))
+    outs = generate_batch(model, prompts, spec, 0, rng.sequence_keys(2, torch.arange(len(prompts))))
     assert all(len(o.token_ids) == args.new_tokens for o in outs)
 
 
 def run_hf_generate(model, prompts, args):
-    from verl_ext.cpu.hf_generate import left_pad
-
     ids, mask = left_pad(prompts, 0)
     out = model.generate(
         input_ids=ids,
@@ -138,7 +138,6 @@ def run_server(model, prompts, args) -> float:
                 load_format="auto",
                 max_num_seqs=args.batch,
                 ignore_eos=True,
-                engine_kwargs={"hf_reproducible": {"num_threads": args.threads}},
             )
             server = (
                 ray.remote(HFRolloutServer)

@@ -11,9 +11,10 @@ import textwrap
 import pytest
 import torch
 
-from verl_ext.cpu import hf_generate
-from verl_ext.cpu.hf_generate import SamplingSpec, generate_batch, sampling_log_probs, sampling_spec_from
+from verl_ext.cpu.hf_generate import SamplingSpec, generate_batch, sampling_spec_from
 from verl_ext.cpu.platform import PlatformCPU, dedupe_backend
+from verl_ext.decoding import rng
+from verl_ext.distributions import sampling_log_softmax
 from verl_ext.tiny_assets import ensure_tiny_assets, prompt_text
 
 
@@ -152,18 +153,6 @@ def test_sampling_spec_reads_vllm_params_and_rejects_unsupported_ones():
         SamplingSpec(max_tokens=4, top_p=0.0)
 
 
-def test_sampling_log_probs_truncate_to_top_k_and_nucleus():
-    logits = torch.log(torch.tensor([[0.5, 0.3, 0.15, 0.05]] * 3))
-    lp = sampling_log_probs(
-        logits, temperature=torch.ones(3), top_k=torch.tensor([4, 2, 4]), top_p=torch.tensor([1.0, 1.0, 0.7])
-    )
-    torch.testing.assert_close(lp[0].exp(), torch.tensor([0.5, 0.3, 0.15, 0.05]))
-    torch.testing.assert_close(lp[1].exp(), torch.tensor([0.625, 0.375, 0.0, 0.0]))  # top-2, renormalised
-    torch.testing.assert_close(lp[2].exp(), torch.tensor([0.625, 0.375, 0.0, 0.0]))  # 0.5 < 0.7 <= 0.8
-    hot = sampling_log_probs(logits[:1], torch.tensor([0.5]), torch.tensor([4]), torch.tensor([1.0]))
-    torch.testing.assert_close(hot[0], torch.log_softmax(logits[0] / 0.5, -1))
-
-
 # ---------------------------------------------------------------------------- batched generation
 
 
@@ -171,11 +160,13 @@ def test_batch_generation_shapes_and_stops(model_and_tokenizer):
     model, tokenizer = model_and_tokenizer
     prompts = chat_prompts(tokenizer, EXPRESSIONS)
     eos = [tokenizer.eos_token_id]
-    specs = [SamplingSpec(max_tokens=3 if i == 0 else 12, stop_token_ids=tuple(eos)) for i in range(len(prompts))]
-    outs = generate_batch(model, prompts, specs, tokenizer.pad_token_id, torch.Generator().manual_seed(0))
+    spec = SamplingSpec(max_tokens=12, stop_token_ids=tuple(eos))
+    keys = rng.sequence_keys(0, torch.arange(len(prompts)))
+    outs = generate_batch(model, prompts, spec, tokenizer.pad_token_id, keys)
+    short = generate_batch(model, prompts[:1], SamplingSpec(max_tokens=3, stop_token_ids=(-1,)), 0, keys[:1])[0]
     assert len(outs) == len(prompts)
-    assert len(outs[0].token_ids) == 3 and outs[0].finish_reason in ("length", "stop")
-    for out, spec in zip(outs, specs):
+    assert len(short.token_ids) == 3 and short.finish_reason == "length"
+    for out in outs:
         assert len(out.token_ids) == len(out.log_probs) <= spec.max_tokens
         assert all(lp <= 0 for lp in out.log_probs)
         if out.finish_reason == "stop":
@@ -193,16 +184,11 @@ def test_log_probs_match_teacher_forced_recomputation(model_and_tokenizer, tempe
     model, tokenizer = model_and_tokenizer
     prompts = chat_prompts(tokenizer, EXPRESSIONS)
     spec = SamplingSpec(max_tokens=10, temperature=temperature, top_k=top_k, top_p=top_p)
-    outs = generate_batch(
-        model, prompts, [spec] * len(prompts), tokenizer.pad_token_id, torch.Generator().manual_seed(1)
-    )
+    outs = generate_batch(model, prompts, spec, tokenizer.pad_token_id, rng.sequence_keys(1, torch.arange(len(prompts))))
     max_dp = 0.0
     for prompt, out in zip(prompts, outs):
         logits = teacher_forced_logits(model, prompt, out.token_ids)
-        k = torch.full((len(out.token_ids),), top_k if top_k > 0 else logits.shape[-1])
-        ref = sampling_log_probs(logits, torch.full((len(k),), temperature), k, torch.full((len(k),), top_p)).gather(
-            -1, torch.tensor(out.token_ids)[:, None]
-        )[:, 0]
+        ref = sampling_log_softmax(logits, temperature, top_k, top_p).gather(-1, torch.tensor(out.token_ids)[:, None])[:, 0]
         assert torch.isfinite(ref).all(), "a sampled token lies outside the top-k/top-p set"
         max_dp = max(max_dp, (ref.exp() - torch.tensor(out.log_probs).exp()).abs().max().item())
     assert max_dp < 1e-4
@@ -212,13 +198,9 @@ def test_top_k_one_and_temperature_zero_are_greedy(model_and_tokenizer):
     model, tokenizer = model_and_tokenizer
     prompts = chat_prompts(tokenizer, EXPRESSIONS)
     eos = (tokenizer.eos_token_id,)
-    greedy = generate_batch(model, prompts, [SamplingSpec(8, temperature=0, stop_token_ids=eos)] * 6, 0)
+    greedy = generate_batch(model, prompts, SamplingSpec(8, temperature=0, stop_token_ids=eos), 0, rng.sequence_keys(2, torch.arange(6)))
     top1 = generate_batch(
-        model,
-        prompts,
-        [SamplingSpec(8, temperature=1.5, top_k=1, stop_token_ids=eos)] * 6,
-        0,
-        torch.Generator().manual_seed(3),
+        model, prompts, SamplingSpec(8, temperature=1.5, top_k=1, stop_token_ids=eos), 0, rng.sequence_keys(3, torch.arange(6))
     )
     assert [g.token_ids for g in greedy] == [t.token_ids for t in top1]
     assert all(lp == 0.0 for g in greedy for lp in g.log_probs), "a point mass has log-prob 0"
@@ -234,9 +216,7 @@ def test_temperature_changes_the_spread_of_samples(model_and_tokenizer):
     prompts = chat_prompts(tokenizer, ["3+4"]) * 32
 
     def distinct(t):
-        outs = generate_batch(
-            model, prompts, [SamplingSpec(8, temperature=t)] * 32, 0, torch.Generator().manual_seed(5)
-        )
+        outs = generate_batch(model, prompts, SamplingSpec(8, temperature=t), 0, rng.sequence_keys(5, torch.arange(32)))
         return len({tuple(o.token_ids) for o in outs})
 
     assert distinct(0.2) < distinct(2.0)
@@ -244,23 +224,21 @@ def test_temperature_changes_the_spread_of_samples(model_and_tokenizer):
 
 def test_row_keyed_sampling_is_independent_of_batch_and_order(model_and_tokenizer):
     """With row_keys, a row draws the same tokens alone, in a batch, or in another order."""
-    from verl_ext.decoding import rng
-
     model, tokenizer = model_and_tokenizer
     prompts = chat_prompts(tokenizer, EXPRESSIONS)
     keys = rng.sequence_keys(7, torch.arange(len(prompts)))
     spec = SamplingSpec(10, temperature=1.2, top_p=0.9)
-    together = generate_batch(model, prompts, [spec] * len(prompts), 0, row_keys=keys)
+    together = generate_batch(model, prompts, spec, 0, row_keys=keys)
     order = list(reversed(range(len(prompts))))
-    reversed_ = generate_batch(model, [prompts[i] for i in order], [spec] * len(prompts), 0, row_keys=keys[order])
-    alone = [generate_batch(model, [p], [spec], 0, row_keys=keys[i : i + 1])[0] for i, p in enumerate(prompts)]
+    reversed_ = generate_batch(model, [prompts[i] for i in order], spec, 0, row_keys=keys[order])
+    alone = [generate_batch(model, [p], spec, 0, row_keys=keys[i : i + 1])[0] for i, p in enumerate(prompts)]
     tokens = [g.token_ids for g in together]
     assert [reversed_[order.index(i)].token_ids for i in range(len(prompts))] == tokens
     assert [g.token_ids for g in alone] == tokens
-    other = generate_batch(model, prompts, [spec] * len(prompts), 0, row_keys=rng.sequence_keys(8, torch.arange(6)))
+    other = generate_batch(model, prompts, spec, 0, row_keys=rng.sequence_keys(8, torch.arange(6)))
     assert [g.token_ids for g in other] != tokens, "another seed must draw other tokens"
     with pytest.raises(ValueError, match="one key per prompt"):
-        generate_batch(model, prompts, [spec] * len(prompts), 0, row_keys=keys[:2])
+        generate_batch(model, prompts, spec, 0, row_keys=keys[:2])
 
 
 def test_fixed_forward_shape_makes_log_probs_independent_of_the_batch(model_and_tokenizer, assets, request):
@@ -268,8 +246,6 @@ def test_fixed_forward_shape_makes_log_probs_independent_of_the_batch(model_and_
     log-probs, not only its tokens, are bit-identical alone and in batches of other sizes and prompt
     lengths, with two threads; without a fixed shape the last bits move."""
     from transformers import AutoModelForCausalLM
-
-    from verl_ext.decoding import rng
 
     _, tokenizer = model_and_tokenizer
     model = AutoModelForCausalLM.from_pretrained(assets.model_dir, dtype=torch.float32, attn_implementation="eager")
@@ -282,7 +258,7 @@ def test_fixed_forward_shape_makes_log_probs_independent_of_the_batch(model_and_
     spec = SamplingSpec(10, temperature=1.0)
 
     def log_probs(rows, **shape):
-        outs = generate_batch(model, [prompts[i] for i in rows], [spec] * len(rows), 0, row_keys=keys[rows], **shape)
+        outs = generate_batch(model, [prompts[i] for i in rows], spec, 0, row_keys=keys[rows], **shape)
         return {i: g.log_probs for i, g in zip(rows, outs, strict=True)}
 
     fixed = {"pad_to": max(map(len, prompts)) + 3, "chunk_rows": 3}
@@ -292,24 +268,20 @@ def test_fixed_forward_shape_makes_log_probs_independent_of_the_batch(model_and_
     free_alone = {i: log_probs([i])[i] for i in range(n)}
     free_batched = log_probs(list(range(n)))
     assert free_batched != free_alone, "the forward's shape should matter without pad_to/chunk_rows"
-    assert [g.token_ids for g in generate_batch(model, prompts, [spec] * n, 0, row_keys=keys, **fixed)] == [
-        g.token_ids for g in generate_batch(model, prompts, [spec] * n, 0, row_keys=keys)
+    assert [g.token_ids for g in generate_batch(model, prompts, spec, 0, row_keys=keys, **fixed)] == [
+        g.token_ids for g in generate_batch(model, prompts, spec, 0, row_keys=keys)
     ], "same draws, only the last bits of the log-probs move"
-    with pytest.raises(ValueError, match="chunk_rows needs row_keys"):
-        generate_batch(model, prompts, [spec] * n, 0, chunk_rows=2)
 
 
 def test_row_keyed_sampling_follows_the_sampling_distribution(model_and_tokenizer):
     """Frequencies of the first token over 4000 keyed rows match exp(sampling log-probs) (chi-square)."""
     from scipy.stats import chisquare
 
-    from verl_ext.decoding import rng
-
     model, tokenizer = model_and_tokenizer
     prompt = chat_prompts(tokenizer, ["3+4"])[0]
     spec = SamplingSpec(1, temperature=1.5)
     n = 4000
-    outs = generate_batch(model, [prompt] * n, [spec] * n, 0, row_keys=rng.sequence_keys(0, torch.arange(n)))
+    outs = generate_batch(model, [prompt] * n, spec, 0, row_keys=rng.sequence_keys(0, torch.arange(n)))
     logits = teacher_forced_logits(model, prompt, [0])[:1]
     probs = (logits[0] / 1.5).softmax(-1).double()
     counts = torch.bincount(torch.tensor([o.token_ids[0] for o in outs]), minlength=probs.numel()).double()
@@ -333,10 +305,7 @@ def test_abort_ends_unfinished_rows(model_and_tokenizer):
     prompts = chat_prompts(tokenizer, EXPRESSIONS[:2])
     calls = []
     outs = generate_batch(
-        model,
-        prompts,
-        [SamplingSpec(10, stop_token_ids=())] * 2,
-        0,
+        model, prompts, SamplingSpec(10), 0, rng.sequence_keys(0, torch.arange(2)),
         should_abort=lambda: calls.append(1) or len(calls) >= 2,
     )
     assert [o.finish_reason for o in outs] == ["abort", "abort"]
@@ -370,7 +339,6 @@ def _rollout_config(**overrides):
         "dtype": "float32",
         "load_format": "auto",
         "max_num_seqs": 64,
-        "engine_kwargs": {"hf_reproducible": {"num_threads": 1, "batch_idle_ms": 50}},
     }
     values.update(overrides)
     return RolloutConfig(**values)
@@ -523,7 +491,6 @@ def test_hf_reproducible_backend_is_registered_with_verl():
 
     assert RolloutReplicaRegistry.get("hf_reproducible") is HFReplica
     assert get_rollout_class("hf_reproducible", "async") is HFServerAdapter
-    assert hf_generate.SamplingSpec is SamplingSpec
 
 
 def test_request_streams_restart_with_each_weight_version():

@@ -128,3 +128,37 @@ def test_truncated_mass_net_of_the_engine_noise_floor():
         assert floor > 0.0005  # the noise of the uncut tokens, on the side truncation cannot reach
         assert raw == pytest.approx(true_cut / 2 + floor, abs=2e-4)  # the raw mean reads the noise as a cut
         assert net == pytest.approx(true_cut / 2, abs=2e-4)
+
+
+def _processed_reference(z, temperature, top_k, top_p):
+    """vLLM's processed distribution in plain Python: softmax(z/T), keep the k best (ties by id),
+    renormalise, keep tokens while the mass before them (descending, ties by id) is < p, renormalise."""
+    if temperature == 0:
+        temperature, top_k = 1.0, 1
+    p = [math.exp(v / temperature) for v in z]
+    order = sorted(range(len(z)), key=lambda v: (-p[v], v))
+    kept = order[: top_k] if top_k > 0 else order
+    total = sum(p[v] for v in kept)
+    nucleus, before = [], 0.0
+    for v in kept:
+        if before < top_p or not nucleus:
+            nucleus.append(v)
+        before += p[v] / total
+    mass = sum(p[v] for v in nucleus)
+    return [p[v] / mass if v in nucleus else 0.0 for v in range(len(z))]
+
+
+@pytest.mark.parametrize(
+    "temperature,top_k,top_p", [(1.0, 0, 1.0), (0.5, 0, 1.0), (1.0, 2, 1.0), (1.0, 0, 0.7), (1.3, 3, 0.6), (0.0, 0, 0.9)]
+)
+def test_sampling_log_softmax_is_top_k_then_nucleus_of_the_tempered_softmax(temperature, top_k, top_p):
+    from verl_ext.distributions import sampling_log_softmax
+
+    z = torch.tensor([[math.log(0.5), math.log(0.3), math.log(0.15), math.log(0.05)], [0.3, -1.0, 2.0, 0.3]])
+    got = sampling_log_softmax(z.double(), temperature, top_k, top_p).exp()
+    for row in range(z.shape[0]):
+        ref = _processed_reference(z[row].double().tolist(), temperature, top_k, top_p)
+        assert got[row].tolist() == pytest.approx(ref, abs=1e-12)
+    # the two hand-checked cases of the first row: top-2 and nucleus 0.7 (0.5 < 0.7 <= 0.8) keep {0, 1}
+    if (top_k, top_p) in ((2, 1.0), (0, 0.7)) and temperature == 1.0:
+        assert got[0].tolist() == pytest.approx([0.625, 0.375, 0.0, 0.0])

@@ -114,3 +114,28 @@ def top_p_log_softmax(logp: torch.Tensor, top_p: float) -> torch.Tensor:
         return logp
     masked = logp.masked_fill(~top_p_mask(logp, top_p), float("-inf"))
     return masked - torch.logsumexp(masked, dim=-1, keepdim=True)
+
+
+def top_k_log_softmax(logp: torch.Tensor, top_k: int) -> torch.Tensor:
+    """Renormalised top-k distribution: log π(v) − log Σ_{u∈K} π(u) on the k most probable tokens
+    (ties at the k-th value broken by token id), −inf elsewhere. k <= 0 or k >= V keeps every token."""
+    vocab = logp.shape[-1]
+    if top_k <= 0 or top_k >= vocab:
+        return logp
+    order = torch.sort(logp, dim=-1, descending=True, stable=True).indices[..., :top_k]
+    keep = torch.zeros_like(logp, dtype=torch.bool).scatter(-1, order, True)
+    masked = logp.masked_fill(~keep, float("-inf"))
+    return masked - torch.logsumexp(masked, dim=-1, keepdim=True)
+
+
+def sampling_log_softmax(logits: torch.Tensor, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0) -> torch.Tensor:
+    """The distribution a token is drawn from (vLLM's "processed" log-probs, its order of steps):
+
+        log π_s = log nucleus_p( top_k( softmax(z / T) ) ),
+
+    top-k first, then the nucleus of the renormalised top-k distribution. Temperature 0 is greedy:
+    top_k = 1 at T = 1, a point mass whose log-prob is 0.
+    """
+    if temperature == 0:
+        temperature, top_k = 1.0, 1
+    return top_p_log_softmax(top_k_log_softmax(log_softmax(logits, temperature), top_k), top_p)

@@ -1,36 +1,23 @@
 """verl rollout backend `hf_reproducible`: transformers generation whose reruns are bit-identical.
 
-On GPU clusters and on CPU alike, training runs verl's own `vllm` rollout (on a machine without a
-GPU, vLLM's CPU build: `verl_ext/vllm_cpu.py`). vLLM has no batch-invariant mode on CPU, so two
-runs with the same seed differ there. This backend exists for the runs that must not: select it
-with `actor_rollout_ref.rollout.name=hf_reproducible actor_rollout_ref.rollout.full_determinism=true`
-(the recipe refuses it without full_determinism, which also makes the trainer's batches
-timing-independent: `verl_ext.trainer`). Three pieces, registered with verl in
-`verl_ext.cpu.register_rollout()`:
+Training runs verl's own `vllm` rollout everywhere (on a machine without a GPU, vLLM's CPU build:
+`verl_ext/vllm_cpu.py`). vLLM has no batch-invariant mode on CPU, so two CPU runs with the same
+seed differ. This opt-in backend is for the runs that must not:
+`actor_rollout_ref.rollout.name=hf_reproducible actor_rollout_ref.rollout.full_determinism=true`
+(full_determinism also makes the trainer's batches timing-independent: `verl_ext.trainer`).
 
-- `HFRolloutServer`, a Ray actor (one per replica) holding a transformers model. verl's agent
-  loop sends it one request per sequence (`generate(prompt_ids, sampling_params, ...)`); the
-  server queues them and runs them as batches (`hf_generate.generate_batch`): a batch starts
-  when requests stop arriving for `batch_idle_ms` (or after `max_batch_wait_ms`, or at
-  `rollout.max_num_seqs` requests). It returns token ids and the log-prob of each sampled token
-  under the distribution it was sampled from (after temperature/top-k/top-p, as vLLM's
-  processed log-probs; see `hf_generate`).
-- `HFReplica`, the `RolloutReplica` that starts those servers.
-- `HFServerAdapter`, the worker-side `BaseRollout`: after every training step verl calls its
-  `update_weights`, which pushes the trainer's full weights to the server in buckets; the
-  server swaps them in atomically between batches.
+- `HFRolloutServer` (a Ray actor per replica) queues verl's token-in/token-out requests and runs
+  them in batches (`hf_generate.generate_batch`): a batch starts when requests stop arriving for
+  `BATCH_IDLE_S` (at most `BATCH_WAIT_S`, at most `rollout.max_num_seqs` requests).
+- `HFReplica` starts the servers; `HFServerAdapter` (worker side) pushes the trainer's weights to
+  its server after every step, which swaps them in between batches.
 
-Why reruns are identical: every request samples from its own counter-based random stream
-(`verl_ext.decoding.rng`), keyed by the weights' version, verl's request id, the prompt and the
-sampling parameters (`_stream_id`), so a rerun, and a run resumed from a checkpoint, draws the same
-responses for the same prompts even though requests arrive, and are batched, in a different order.
-Every forward has one shape (width `rollout.prompt_length`, chunks of `deterministic_chunk_rows`
-rows) and eager attention (multi-threaded SDPA decoding on CPU depends on the other rows), so the
-log-probs, not only the tokens, are bit-identical in any batch.
-
-Options (`+actor_rollout_ref.rollout.engine_kwargs.hf_reproducible.<key>=...`): `num_threads`
-(torch threads of the server; default all cores, as rollout and training alternate),
-`batch_idle_ms` (20), `max_batch_wait_ms` (500), `deterministic_chunk_rows` (16).
+Why reruns are identical: every request samples from its own random stream, keyed by the weights'
+version, verl's request id, the prompt and the sampling parameters (`_stream_id`), so a rerun, or a
+run resumed from a checkpoint, draws the same responses whatever order requests arrive and batch
+in; every forward has one shape (width `rollout.prompt_length`, `CHUNK_ROWS` rows) and eager
+attention (multi-threaded SDPA decoding on CPU depends on the other rows), so the log-probs, not
+only the tokens, are bit-identical.
 """
 
 from __future__ import annotations
@@ -40,29 +27,28 @@ import hashlib
 import logging
 import os
 import time
-from collections import Counter
+from collections import Counter, defaultdict
 from collections.abc import Generator
 from typing import Any
 
 import ray
 import torch
 from verl.utils.config import omega_conf_to_dataclass
+from verl.utils.torch_dtypes import PrecisionType
 from verl.workers.config import HFModelConfig, RolloutConfig
 from verl.workers.rollout.base import BaseRollout
 from verl.workers.rollout.replica import RolloutMode, RolloutReplica, TokenOutput
 
-from verl_ext.cpu.hf_generate import SamplingSpec, generate_batch, sampling_spec_from
+from verl_ext.cpu.hf_generate import generate_batch, sampling_spec_from
 from verl_ext.decoding import rng
+from verl_ext.generation import eos_token_ids
 
 logger = logging.getLogger(__name__)
 
 BACKEND = "hf_reproducible"
-DEFAULT_ENGINE_KWARGS = {
-    "num_threads": None,
-    "batch_idle_ms": 20.0,
-    "max_batch_wait_ms": 500.0,
-    "deterministic_chunk_rows": 16,
-}
+BATCH_IDLE_S = 0.02  # a batch starts once no request arrived for this long...
+BATCH_WAIT_S = 0.5  # ...or this long after its first request
+CHUNK_ROWS = 16  # rows per forward: fixed, so that a row's log-probs do not depend on its batch
 
 
 def stable_stream_id(name: str) -> int:
@@ -75,58 +61,26 @@ def server_actor_name(replica_rank: int, node_rank: int = 0, suffix: str = "") -
     return f"{BACKEND}_server_{replica_rank}_{node_rank}{suffix}"
 
 
-def engine_kwargs(config: RolloutConfig) -> dict:
-    """`rollout.engine_kwargs.hf_reproducible` merged over the defaults; unknown keys are an error."""
-    given = dict((config.engine_kwargs or {}).get(BACKEND) or {})
-    unknown = set(given) - set(DEFAULT_ENGINE_KWARGS)
-    if unknown:
-        raise ValueError(
-            f"actor_rollout_ref.rollout.engine_kwargs.{BACKEND}: unknown keys {sorted(unknown)}; "
-            f"valid keys: {sorted(DEFAULT_ENGINE_KWARGS)}"
-        )
-    return {**DEFAULT_ENGINE_KWARGS, **given}
-
-
-def _torch_dtype(name: str) -> torch.dtype:
-    dtypes = {
-        "float32": torch.float32,
-        "fp32": torch.float32,
-        "bfloat16": torch.bfloat16,
-        "bf16": torch.bfloat16,
-        "float16": torch.float16,
-        "fp16": torch.float16,
-    }
-    if name not in dtypes:
-        raise ValueError(f"actor_rollout_ref.rollout.dtype={name!r}; valid for {BACKEND}: {sorted(dtypes)}")
-    return dtypes[name]
-
-
-def load_rollout_model(model_config: HFModelConfig, dtype: torch.dtype, load_format: str, attention: str = "sdpa"):
-    """The generation model: real weights, or random ones for `load_format=dummy*` (the trainer
-    pushes its weights before the first rollout either way). `attention`: the transformers
-    attention implementation ("eager" is batch-invariant on CPU; multi-threaded "sdpa" decoding is
-    not)."""
+def load_rollout_model(model_config: HFModelConfig, dtype: str, load_format: str):
+    """The generation model with eager attention (batch-invariant on CPU): real weights, or random
+    ones for `load_format=dummy*` (the trainer pushes its weights before the first rollout)."""
     from transformers import AutoModelForCausalLM
 
     path = model_config.local_path
     if path is None or not os.path.isdir(path):
         raise FileNotFoundError(f"actor_rollout_ref.model.path: model directory {path!r} does not exist")
-    kwargs = {"dtype": dtype, "attn_implementation": attention, "trust_remote_code": model_config.trust_remote_code}
+    kwargs = {"dtype": PrecisionType.to_dtype(dtype), "attn_implementation": "eager",
+              "trust_remote_code": model_config.trust_remote_code}
     if load_format.startswith("dummy"):
-        model = AutoModelForCausalLM.from_config(model_config.hf_config, **kwargs)
-    else:
-        model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
-    return model.eval()
+        return AutoModelForCausalLM.from_config(model_config.hf_config, **kwargs).eval()
+    return AutoModelForCausalLM.from_pretrained(path, **kwargs).eval()
 
 
 class _Request:
     __slots__ = ("future", "prompt_ids", "spec", "stream_id", "want_log_probs")
 
-    def __init__(self, prompt_ids: list[int], spec: SamplingSpec, want_log_probs: bool, stream_id: int | None = None):
-        self.prompt_ids = prompt_ids
-        self.spec = spec
-        self.want_log_probs = want_log_probs
-        self.stream_id = stream_id
+    def __init__(self, prompt_ids, spec, want_log_probs, stream_id):
+        self.prompt_ids, self.spec, self.want_log_probs, self.stream_id = prompt_ids, spec, want_log_probs, stream_id
         self.future: asyncio.Future = asyncio.get_running_loop().create_future()
 
 
@@ -144,21 +98,15 @@ class HFRolloutServer:
     ):
         self.config: RolloutConfig = omega_conf_to_dataclass(config)
         self.model_config: HFModelConfig = omega_conf_to_dataclass(model_config, dataclass_type=HFModelConfig)
-        self.options = engine_kwargs(self.config)
-        self.rollout_mode = rollout_mode
         self.replica_rank = replica_rank
-        self.node_rank = node_rank
-        torch.set_num_threads(int(self.options["num_threads"] or os.cpu_count() or 1))
-
-        self.model = load_rollout_model(
-            self.model_config, _torch_dtype(self.config.dtype), self.config.load_format, attention="eager"
-        )
-        self.eos_token_ids = self._eos_token_ids()
-        self.pad_token_id = self._pad_token_id()
-        self.generator = torch.Generator().manual_seed(self.config.seed + replica_rank)
+        torch.set_num_threads(os.cpu_count() or 1)  # rollout and training alternate: use every core
+        self.model = load_rollout_model(self.model_config, self.config.dtype, self.config.load_format)
+        tokenizer = self.model_config.tokenizer
+        self.eos_token_ids = [] if self.config.ignore_eos else eos_token_ids(self.model, tokenizer)
+        pad = getattr(tokenizer, "pad_token_id", None)
+        self.pad_token_id = pad if pad is not None else (self.eos_token_ids or [0])[0]
         self._request_counts: Counter[str] = Counter()  # how often each request came (`_stream_id`)
         self.global_steps: int | None = None
-
         self._queue: list[_Request] = []
         self._queue_changed: asyncio.Event | None = None
         self._engine_lock: asyncio.Lock | None = None  # held while generating or swapping weights
@@ -168,29 +116,6 @@ class HFRolloutServer:
         self._rejecting = False
         self.stats = {"batches": 0, "sequences": 0, "new_tokens": 0, "weight_updates": 0}
 
-    # ------------------------------------------------------------------ setup helpers
-
-    def _eos_token_ids(self) -> list[int]:
-        ids = set()
-        for source in (self.model.generation_config, self.model_config.hf_config):
-            eos = getattr(source, "eos_token_id", None)
-            ids |= set(eos if isinstance(eos, (list, tuple)) else [eos] if eos is not None else [])
-        tokenizer = self.model_config.tokenizer
-        if tokenizer is not None and tokenizer.eos_token_id is not None:
-            ids.add(tokenizer.eos_token_id)
-        if not ids and not self.config.ignore_eos:
-            raise ValueError(
-                f"model {self.model_config.local_path}: no eos_token_id in its generation or model config "
-                "(set one, or actor_rollout_ref.rollout.ignore_eos=True)"
-            )
-        return sorted(ids)
-
-    def _pad_token_id(self) -> int:
-        tokenizer = self.model_config.tokenizer
-        if tokenizer is not None and tokenizer.pad_token_id is not None:
-            return tokenizer.pad_token_id
-        return self.eos_token_ids[0] if self.eos_token_ids else 0
-
     def _ensure_worker(self) -> None:
         """Start the batching loop on the actor's event loop (first call only)."""
         if self._worker_task is None:
@@ -199,17 +124,6 @@ class HFRolloutServer:
             self._worker_task = asyncio.get_running_loop().create_task(self._batch_loop())
 
     # ------------------------------------------------------------------ generation
-
-    def _max_tokens_default(self, prompt_len: int) -> int:
-        """verl's rule: at most response_length, within prompt_length + response_length in total."""
-        cfg = self.config
-        return max(1, min(cfg.response_length, cfg.prompt_length + cfg.response_length - prompt_len))
-
-    def _max_possible_tokens(self, prompt_len: int) -> int:
-        limit = self.config.max_model_len or self.model_config.hf_config.max_position_embeddings
-        if prompt_len >= limit:
-            raise ValueError(f"prompt of {prompt_len} tokens leaves no room to generate within {limit} positions")
-        return limit - prompt_len
 
     async def generate(
         self,
@@ -227,20 +141,23 @@ class HFRolloutServer:
         if self._rejecting:
             return TokenOutput(token_ids=[], log_probs=None, stop_reason="aborted", extra_fields=self._extra())
         prompt_ids = [int(t) for t in prompt_ids]
-        params = dict(sampling_params)
-        want_log_probs = bool(params.get("logprobs", False))
+        cfg, n = self.config, len(prompt_ids)
+        room = (cfg.max_model_len or self.model_config.hf_config.max_position_embeddings) - n
+        if room < 1:
+            raise ValueError(f"prompt of {n} tokens leaves no room to generate within {n + room} positions")
         spec = sampling_spec_from(
-            params,
-            default_max_tokens=self._max_tokens_default(len(prompt_ids)),
-            eos_token_ids=[] if self.config.ignore_eos else self.eos_token_ids,
-            max_possible_tokens=self._max_possible_tokens(len(prompt_ids)),
+            sampling_params,
+            # verl's rule: at most response_length, within prompt_length + response_length in total
+            default_max_tokens=max(1, min(cfg.response_length, cfg.prompt_length + cfg.response_length - n)),
+            eos_token_ids=self.eos_token_ids,
+            max_possible_tokens=room,
         )
-        request = _Request(prompt_ids, spec, want_log_probs, self._stream_id(request_id, prompt_ids, spec))
+        request = _Request(prompt_ids, spec, bool(sampling_params.get("logprobs")), self._stream_id(request_id, prompt_ids, spec))
         self._queue.append(request)
         self._queue_changed.set()
         return await request.future
 
-    def _stream_id(self, request_id: str, prompt_ids: list[int], spec: SamplingSpec) -> int:
+    def _stream_id(self, request_id: str, prompt_ids: list[int], spec) -> int:
         """The request's own random stream, keyed by what the request is (id, prompt tokens,
         sampling parameters) and by how many identical requests came before.
 
@@ -265,13 +182,10 @@ class HFRolloutServer:
         while not self._queue:
             self._queue_changed.clear()
             await self._queue_changed.wait()
-        idle, deadline = (
-            self.options["batch_idle_ms"] / 1000,
-            time.monotonic() + self.options["max_batch_wait_ms"] / 1000,
-        )
+        deadline = time.monotonic() + BATCH_WAIT_S
         while len(self._queue) < self.config.max_num_seqs and time.monotonic() < deadline:
             seen = len(self._queue)
-            await asyncio.sleep(idle)
+            await asyncio.sleep(BATCH_IDLE_S)
             if len(self._queue) == seen:
                 break
         batch, self._queue = self._queue[: self.config.max_num_seqs], self._queue[self.config.max_num_seqs :]
@@ -285,43 +199,38 @@ class HFRolloutServer:
                     results = await asyncio.to_thread(self._run_batch, batch)
                 except Exception as err:  # deliver the error to every caller, keep serving
                     logger.exception("%s rollout batch failed", BACKEND)
-                    for request in batch:
-                        if not request.future.done():
-                            request.future.set_exception(err)
+                    results = [err] * len(batch)
+            for request, result in zip(batch, results, strict=True):
+                if request.future.done():
                     continue
-            for request, output in zip(batch, results, strict=True):
-                if not request.future.done():
-                    request.future.set_result(output)
-
-    def _row_keys(self, batch: list[_Request]) -> torch.Tensor:
-        return rng.sequence_keys(self.config.seed + self.replica_rank, torch.tensor([r.stream_id for r in batch]))
+                if isinstance(result, Exception):
+                    request.future.set_exception(result)
+                else:
+                    request.future.set_result(result)
 
     def _run_batch(self, batch: list[_Request]) -> list[TokenOutput]:
-        generations = generate_batch(
-            self.model,
-            [r.prompt_ids for r in batch],
-            [r.spec for r in batch],
-            pad_token_id=self.pad_token_id,
-            generator=self.generator,
-            should_abort=lambda: self._abort,
-            row_keys=self._row_keys(batch),
-            # every forward has the same shape, so a request's log-probs do not depend on which
-            # requests it was batched with (see generate_batch)
-            pad_to=self.config.prompt_length,
-            chunk_rows=self.options["deterministic_chunk_rows"],
-        )
+        """One `generate_batch` per distinct sampling spec (training sends one; validation another)."""
+        by_spec: dict[Any, list[int]] = defaultdict(list)
+        for i, request in enumerate(batch):
+            by_spec[request.spec].append(i)
+        outputs: list[TokenOutput | None] = [None] * len(batch)
+        for spec, rows in by_spec.items():
+            keys = rng.sequence_keys(self.config.seed + self.replica_rank, torch.tensor([batch[i].stream_id for i in rows]))
+            generations = generate_batch(
+                self.model, [batch[i].prompt_ids for i in rows], spec, self.pad_token_id, keys,
+                pad_to=self.config.prompt_length, chunk_rows=CHUNK_ROWS, should_abort=lambda: self._abort,
+            )
+            for i, g in zip(rows, generations, strict=True):
+                outputs[i] = TokenOutput(
+                    token_ids=g.token_ids,
+                    log_probs=g.log_probs if batch[i].want_log_probs else None,
+                    stop_reason="aborted" if g.finish_reason == "abort" else "completed",
+                    extra_fields=self._extra(),
+                )
+                self.stats["new_tokens"] += len(g.token_ids)
         self.stats["batches"] += 1
         self.stats["sequences"] += len(batch)
-        self.stats["new_tokens"] += sum(len(g.token_ids) for g in generations)
-        return [
-            TokenOutput(
-                token_ids=g.token_ids,
-                log_probs=g.log_probs if r.want_log_probs else None,
-                stop_reason="aborted" if g.finish_reason == "abort" else "completed",
-                extra_fields=self._extra(),
-            )
-            for r, g in zip(batch, generations, strict=True)
-        ]
+        return outputs
 
     # ------------------------------------------------------------------ weights
 
@@ -365,20 +274,12 @@ class HFRolloutServer:
 
     # ------------------------------------------------------------------ verl's control calls
 
-    async def wake_up(self, tags: list[str] | None = None) -> None:
-        """Nothing is offloaded on cpu: the model stays resident."""
-
-    async def sleep(self) -> None:
-        """Nothing to free on cpu (the KV cache lives only inside a batch)."""
-
-    async def clear_kv_cache(self) -> None:
-        """The KV cache is per batch; nothing persists between batches."""
-
-    async def release_kv_cache(self) -> None:
-        """See `clear_kv_cache`."""
-
-    async def resume_kv_cache(self) -> None:
-        """See `clear_kv_cache`."""
+    # Nothing is offloaded and the KV cache lives only inside a batch: verl's memory calls are no-ops.
+    async def wake_up(self, tags: list[str] | None = None) -> None: ...
+    async def sleep(self) -> None: ...
+    async def clear_kv_cache(self) -> None: ...
+    async def release_kv_cache(self) -> None: ...
+    async def resume_kv_cache(self) -> None: ...
 
     async def wait_for_requests_to_drain(self) -> None:
         self._ensure_worker()
@@ -402,11 +303,8 @@ class HFRolloutServer:
     async def resume_generation(self) -> None:
         self._rejecting = False
 
-    async def start_profile(self, **kwargs) -> None:
-        """Profiling is not supported by this backend."""
-
-    async def stop_profile(self) -> None:
-        """Profiling is not supported by this backend."""
+    async def start_profile(self, **kwargs) -> None: ...  # profiling is not supported by this backend
+    async def stop_profile(self) -> None: ...
 
 
 class HFReplica(RolloutReplica):
