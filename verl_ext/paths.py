@@ -26,8 +26,11 @@ COMMAND_CONFIGS: dict[str, tuple[str, ...]] = {
     "verl_ext.data_prep": ("prepare_data",),  # scripts/prepare_data.sh
     "verl_ext.analysis.logp_diff": ("analyze_logp_diff",),  # scripts/analyze_logp_diff.sh
     "verl_ext.decoding.sweep": ("token_replacement", "extrapolation"),  # scripts/run_{token_replacement,extrapolation}.sh
-    "verl_ext.mini": ("reproduce_mini",),  # scripts/reproduce_mini.sh
+    "verl_ext.mini.pipeline": ("reproduce_mini",),  # scripts/reproduce_mini.sh
 }
+# Commands whose @hydra.main names no config folder (config_path=None): their scripts pass
+# `--config-path "$(python -m verl_ext.paths)"`, the same folder.
+CONFIG_PATH_FROM_CALLER = ("verl_ext.decoding.sweep",)
 
 
 def source_root() -> Path | None:
