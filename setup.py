@@ -6,7 +6,7 @@ verl_ext/vllm_cpu.py), otherwise pip pulls a CUDA build of torch. GPU clusters:
 torch 2.11.0, transformers 5.9.0) and flash-attn.
 """
 
-from setuptools import find_packages, setup
+from setuptools import find_namespace_packages, find_packages, setup
 
 setup(
     name="verl-directional-rlvr",
@@ -17,8 +17,17 @@ setup(
         "selective token replacement / extrapolation, Avg@k / Pass@k evaluation."
     ),
     python_requires=">=3.10",
-    packages=find_packages(include=["verl_ext", "verl_ext.*", "recipe", "recipe.*"]),
-    package_data={"recipe": ["**/*.yaml"]},
+    # `recipe` is a namespace package (no recipe/__init__.py): our `recipe.dapo_reweight` is one portion
+    # of it, next to the `recipe/simple_use_case` that verl's dependency TransferQueue installs.
+    # `configs/` stays at the top of the repository and installs as the package data `verl_ext/configs`
+    # (package_dir below), where verl_ext.paths.config_dir() finds it after a non-editable install.
+    packages=[
+        *find_packages(include=["verl_ext", "verl_ext.*"]),
+        *find_namespace_packages(include=["recipe.*"], exclude=["*.__pycache__"]),
+        "verl_ext.configs",
+    ],
+    package_dir={"verl_ext.configs": "configs"},
+    package_data={"verl_ext.configs": ["*.yaml", "*/*.yaml"]},
     install_requires=[
         # verl's verl-core extra minus torchcodec (a CUDA build that breaks vLLM's CPU build), the
         # multimodal helpers and test plugins; the `gpu` extra brings the whole of it.

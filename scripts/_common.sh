@@ -18,9 +18,15 @@ project_python() {
   echo "$REPO/.venv/bin/python"
 }
 
+# The folder of every command's configs, by the commands' own rule (verl_ext.paths.config_dir: the
+# checkout's configs/, or the installed copy's). Needs $PY.
+config_dir() { "${PY:?}" -m verl_ext.paths; }
+
 require_preset() {
-  if [ ! -f "$REPO/configs/preset/$1.yaml" ]; then
-    echo "error: PRESET=$1 does not exist; valid presets: $(cd "$REPO/configs/preset" && ls *.yaml | sed 's/\.yaml$//' | tr '\n' ' ')" >&2
+  local presets
+  presets="$(config_dir)/preset"
+  if [ ! -f "$presets/$1.yaml" ]; then
+    echo "error: PRESET=$1 does not exist; valid presets: $(cd "$presets" && ls *.yaml | sed 's/\.yaml$//' | tr '\n' ' ')" >&2
     exit 2
   fi
 }

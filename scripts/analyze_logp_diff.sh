@@ -17,4 +17,4 @@ if ! has_gpu; then
   export TOKENIZERS_PARALLELISM=false
   export TINY_ASSETS_DIR="${TINY_ASSETS_DIR:-$REPO/.assets/tiny}"
 fi
-exec "$PY" -m verl_ext.analysis.logp_diff --config-path "$REPO/configs" --config-name analyze_logp_diff "$@"
+exec "$PY" -m verl_ext.analysis.logp_diff "$@"

@@ -16,4 +16,4 @@ if [ "$#" -eq 0 ]; then
   echo "[evaluate] no argument: the tiny CPU default (tiny=true, 4 samples x 32 tokens); give model.path=... or generations=... for a real run" >&2
   set -- tiny=true model.backend=hf sampling.n=4 sampling.max_new_tokens=32 'metrics.pass_ks=[1,2]' output_dir=outputs/eval/tiny
 fi
-"$PY" -m verl_ext.evaluation --config-path "$REPO/configs" --config-name evaluate "$@"
+"$PY" -m verl_ext.evaluation "$@"

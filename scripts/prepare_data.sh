@@ -10,4 +10,4 @@ set -euo pipefail
 REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 source "$REPO/scripts/_common.sh"
 PY="$(project_python)"
-"$PY" -m verl_ext.data_prep --config-path "$REPO/configs" --config-name prepare_data "$@"
+"$PY" -m verl_ext.data_prep "$@"

@@ -20,9 +20,9 @@ source "$REPO/scripts/_common.sh"
 
 if has_gpu; then DEFAULT_PRESET=qwen2.5-math-7b; else DEFAULT_PRESET=tiny-cpu; fi
 PRESET="${PRESET:-$DEFAULT_PRESET}"
+PY="$(project_python)"
 require_preset "$PRESET"
 [ -n "${WEIGHTING:-}" ] && require_choice WEIGHTING "$WEIGHTING" lowprob ppl dominate none
-PY="$(project_python)"
 
 ARGS=("+preset=$PRESET")
 [ -n "${WEIGHTING:-}" ] && ARGS+=("actor_rollout_ref.actor.policy_loss.weighting=$WEIGHTING")

@@ -367,7 +367,7 @@ def test_wandb_run_holds_table_plot_curves_and_numbers(swept, tmp_path, offline_
 
     # the training's project (trainer.project_name of the recipe) and group (WANDB_RUN_GROUP)
     (run,) = started
-    recipe = OmegaConf.load(REPO / "recipe" / "dapo_reweight" / "config" / "dapo_reweight.yaml")
+    recipe = OmegaConf.load(CONFIGS / "dapo_reweight.yaml")
     assert run.project == recipe.trainer.project_name
     assert (run.group, run.name, run.job_type) == ("sweep-test", "token_replacement-logged", "decoding")
     assert run.config["sweep"]["thresholds"] == {"delta_logp": list(TAUS)} and run.config["output_dir"] == str(out)

@@ -16,11 +16,11 @@ from verl.utils.config import omega_conf_to_dataclass
 from verl.workers.config import PolicyLossConfig
 from verl.workers.utils.losses import ppo_loss
 
+from verl_ext.paths import config_dir
 from verl_ext.policy_loss import ReweightPolicyLossConfig, reweight_metrics
 from verl_ext.weighting import WeightingSpec
 
 REPO = Path(__file__).resolve().parents[1]
-RECIPE_CONFIG_DIR = REPO / "recipe" / "dapo_reweight" / "config"
 
 
 @functools.cache
@@ -29,7 +29,7 @@ def actor_config(*overrides, verl_vanilla=False):
 
     verl_vanilla: swap our policy-loss block for verl's stock one (loss_mode vanilla).
     """
-    with initialize_config_dir(config_dir=str(RECIPE_CONFIG_DIR), version_base=None):
+    with initialize_config_dir(config_dir=str(config_dir()), version_base=None):
         cfg = compose("dapo_reweight", overrides=list(overrides))
     actor = cfg.actor_rollout_ref.actor
     if verl_vanilla:

@@ -10,16 +10,16 @@ import pytest
 from hydra import compose, initialize_config_dir
 
 from recipe.dapo_reweight.main import available_presets, prepare_config
+from verl_ext.paths import config_dir
 
 REPO = Path(__file__).resolve().parents[1]
-CONFIG_DIR = REPO / "recipe" / "dapo_reweight" / "config"
-SEARCHPATH = f"hydra.searchpath=[pkg://verl.trainer.config,file://{REPO / 'configs'}]"
+SEARCHPATH = "hydra.searchpath=[pkg://verl.trainer.config]"
 SCHEMES = ["lowprob", "ppl", "dominate", "none"]
 
 
 @functools.cache
 def composed(*overrides):
-    with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base=None):
+    with initialize_config_dir(config_dir=str(config_dir()), version_base=None):
         return prepare_config(compose("dapo_reweight", overrides=[SEARCHPATH, *overrides]))
 
 

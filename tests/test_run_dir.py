@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 
 from verl_ext.atomic_io import atomic_write_bytes
+from verl_ext.paths import config_dir
 from verl_ext.run_dir import (
     RUN_FILE,
     decide,
@@ -129,9 +130,9 @@ def compose_tiny(run_dir: Path, *overrides: str):
     os.environ.setdefault("TINY_ASSETS_DIR", str(TINY))
     from recipe.dapo_reweight.main import prepare_config
 
-    with initialize_config_dir(config_dir=str(REPO / "recipe" / "dapo_reweight" / "config"), version_base=None):
+    with initialize_config_dir(config_dir=str(config_dir()), version_base=None):
         return prepare_config(compose("dapo_reweight", overrides=[
-            f"hydra.searchpath=[file://{verl_config_dir()},file://{REPO / 'configs'}]", "+preset=tiny-cpu",
+            f"hydra.searchpath=[file://{verl_config_dir()}]", "+preset=tiny-cpu",
             f"trainer.default_local_dir={run_dir}", *overrides,
         ]))
 

@@ -16,6 +16,7 @@ import pytest
 from hydra import compose, initialize_config_dir
 
 from verl_ext.checks import ConfigError
+from verl_ext.paths import config_dir
 from verl_ext.training_checks import (
     chat_prompt_lengths,
     check_data_files,
@@ -26,7 +27,6 @@ from verl_ext.training_checks import (
 )
 
 REPO = Path(__file__).resolve().parents[1]
-CONFIG_DIR = REPO / "recipe" / "dapo_reweight" / "config"
 TINY = Path(os.environ.get("TINY_ASSETS_DIR") or REPO / ".assets" / "tiny")
 R, A = "actor_rollout_ref.rollout", "actor_rollout_ref.actor"
 FAIL_WITHIN_S = 15
@@ -35,8 +35,8 @@ FAIL_WITHIN_S = 15
 def compose_training(*overrides: str):
     from recipe.dapo_reweight.main import verl_config_dir
 
-    searchpath = f"hydra.searchpath=[file://{verl_config_dir()},file://{REPO / 'configs'}]"
-    with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base=None):
+    searchpath = f"hydra.searchpath=[file://{verl_config_dir()}]"
+    with initialize_config_dir(config_dir=str(config_dir()), version_base=None):
         return compose("dapo_reweight", overrides=[searchpath, "+preset=qwen2.5-math-7b", *overrides])
 
 

@@ -35,9 +35,10 @@ import hydra
 from verl_ext.atomic_io import atomic_write_bytes
 from verl_ext.checks import ConfigError, check_choice, check_writable_dir, exit_on_config_error
 from verl_ext.generation import PROMPT_SUFFIX, format_problem
+from verl_ext.paths import config_dir
 
-REPO = Path(__file__).resolve().parents[1]
-SHARED_DATA = REPO.parent / "shared" / "data"
+# the default datasets' folder, next to the checkout (issue 20 item 4: still a default outside the repository)
+SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 PROBLEM_KEYS = ("problem", "question", "Problem", "Question", "prompt")
 ANSWER_KEYS = ("answer", "Answer", "final_answer", "ground_truth", "reward_model", "solution", "Solution")
 ID_KEYS = ("id", "ID", "unique_id", "problem_id")
@@ -413,7 +414,7 @@ def run(cfg) -> list[PreparedDataset]:
 _register_resolvers()
 
 
-@hydra.main(version_base=None, config_path=str(REPO / "configs"), config_name="prepare_data")
+@hydra.main(version_base=None, config_path=str(config_dir()), config_name="prepare_data")
 def main(cfg) -> None:
     with exit_on_config_error("prepare_data", (ConfigError, FileNotFoundError, ValueError)):
         run(cfg)

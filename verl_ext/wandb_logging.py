@@ -1,7 +1,7 @@
 """Weights & Biases runs of the offline commands (analysis, decoding sweeps), next to training's.
 
 Training (`scripts/run_dapo_reweight.sh`) logs to wandb when WANDB_API_KEY or WANDB_MODE is set,
-into project `trainer.project_name` of `recipe/dapo_reweight/config/dapo_reweight.yaml` (verl
+into project `trainer.project_name` of `configs/dapo_reweight.yaml` (verl
 passes it to `wandb.init` explicitly, so WANDB_PROJECT does not move training runs) and into the
 group WANDB_RUN_GROUP (verl passes no group, wandb reads the variable itself). The analysis and
 decoding commands follow the same rules, so their histograms, curves and tables land in the same
@@ -26,10 +26,10 @@ from typing import Any
 
 from omegaconf import OmegaConf
 
+from verl_ext.paths import config_dir
+
 ENABLE_CHOICES = ("auto", "true", "false")
-# verl_ext and recipe are sibling packages, in the source tree and once installed; found by path
-# because verl installs a `recipe` namespace package of its own that can shadow this one on import
-TRAINING_CONFIG = Path(__file__).resolve().parents[1] / "recipe" / "dapo_reweight" / "config" / "dapo_reweight.yaml"
+TRAINING_CONFIG = config_dir() / "dapo_reweight.yaml"
 
 
 def wandb_enabled(setting: Any) -> bool:

@@ -3,8 +3,9 @@
     python -m recipe.dapo_reweight.main +preset=qwen2.5-math-7b \
         actor_rollout_ref.actor.policy_loss.weighting=lowprob actor_rollout_ref.actor.policy_loss.alpha=0.2
 
-The config (config/dapo_reweight.yaml) composes verl's own `ppo_trainer` config with the DAPO
-settings; presets live in the repository's `configs/preset/`. `dry_run=true` composes and
+The config (`configs/dapo_reweight.yaml`, found like every command's: `verl_ext.paths.config_dir()`)
+composes verl's own `ppo_trainer` config with the DAPO settings; presets live next to it in
+`configs/preset/`. `dry_run=true` composes and
 validates everything, prints the config and exits without starting Ray.
 
 Everything here runs on the driver before Ray starts, so bad input fails fast with a message
@@ -24,6 +25,7 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 
 from verl_ext import run_log
 from verl_ext.checks import REMOTE_PREFIXES, ConfigError, exit_on_config_error
+from verl_ext.paths import available_presets, config_dir, output_root, source_root
 from verl_ext.run_dir import Decision, plan_launch, start_launch
 
 PROG = "dapo_reweight"
@@ -31,21 +33,17 @@ PROG = "dapo_reweight"
 HARMLESS_WARNINGS = (r".* engine is not available", r"Disabled critic as algorithm.adv_estimator")
 # refused before Ray starts: ours, and the ValueErrors of verl's own config validation
 CONFIG_ERRORS = (ConfigError, ValueError, FileNotFoundError)
-REPO = Path(__file__).resolve().parents[2]
-PRESET_DIR = REPO / "configs" / "preset"
+__all__ = ["available_presets", "main", "prepare_config", "run"]
 
 
 def _register_resolvers() -> None:
-    """`${repo_dir:}`: this repository's root, so default run folders do not depend on the cwd."""
+    """`${repo_dir:}`: this repository's root, so default run folders do not depend on the cwd (an
+    installed copy: the working directory, `verl_ext.paths.output_root`)."""
     if not OmegaConf.has_resolver("repo_dir"):
-        OmegaConf.register_new_resolver("repo_dir", lambda: str(REPO))
+        OmegaConf.register_new_resolver("repo_dir", lambda: str(output_root()))
 
 
 _register_resolvers()
-
-
-def available_presets() -> list[str]:
-    return sorted(p.stem for p in PRESET_DIR.glob("*.yaml"))
 
 
 def default_reward_path() -> str:
@@ -147,7 +145,7 @@ def run(config: DictConfig) -> None:
     warnings = preflight(config, dry_run)
     with exit_on_config_error(PROG, CONFIG_ERRORS):
         run_dir = absolute_run_dir(config)
-        recorded, current, decision = plan_launch(config, REPO)
+        recorded, current, decision = plan_launch(config, source_root())
     if dry_run:
         for warning in warnings:
             print(f"[{PROG}] warning: {warning}", file=sys.stderr)
@@ -234,7 +232,7 @@ def interrupted_message(config: DictConfig) -> str:
 
     run_dir = config.trainer.default_local_dir
     step = latest_checkpoint_step(run_dir)
-    given = [a for a in sys.argv[1:] if not a.startswith("hydra.searchpath=")]  # ours: _add_preset_searchpath
+    given = [a for a in sys.argv[1:] if not a.startswith("hydra.searchpath=")]  # ours: _add_verl_searchpath
     command = os.environ.get("RUN_COMMAND") or " ".join(["python -m recipe.dapo_reweight.main", *given])
     saved = f"the last checkpoint is step {step}" if step is not None else "no checkpoint was saved yet"
     return (
@@ -287,7 +285,7 @@ def run_summary(config: DictConfig) -> str:
     return "\n".join(lines)
 
 
-@hydra.main(config_path="config", config_name="dapo_reweight", version_base=None)
+@hydra.main(config_path=str(config_dir()), config_name="dapo_reweight", version_base=None)
 def main(config: DictConfig) -> None:
     run(config)
 
@@ -305,13 +303,14 @@ def verl_config_dir() -> Path:
     return Path(next(iter(spec.submodule_search_locations))) / "trainer" / "config"
 
 
-def _add_preset_searchpath(argv: list[str]) -> list[str]:
-    """Let `+preset=NAME` find configs/preset/NAME.yaml without the user naming the folder."""
+def _add_verl_searchpath(argv: list[str]) -> list[str]:
+    """verl's `ppo_trainer` config by file path (the yaml's `pkg://` needs `import verl`); presets
+    (`+preset=NAME`: preset/NAME.yaml) sit next to the recipe's config and need no search path."""
     if any(a.startswith("hydra.searchpath") for a in argv):
         return argv
-    return argv + [f"hydra.searchpath=[file://{verl_config_dir()},file://{REPO / 'configs'}]"]
+    return argv + [f"hydra.searchpath=[file://{verl_config_dir()}]"]
 
 
 if __name__ == "__main__":
-    sys.argv = _add_preset_searchpath(sys.argv)
+    sys.argv = _add_verl_searchpath(sys.argv)
     main()

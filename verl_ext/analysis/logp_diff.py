@@ -1,6 +1,6 @@
 """Offline token-level analysis of an RLVR model π_RL against its base model π_B (issue #5).
 
-    python -m verl_ext.analysis.logp_diff --config-path "$REPO/configs" --config-name analyze_logp_diff \
+    python -m verl_ext.analysis.logp_diff \
         base_model=Qwen/Qwen2.5-Math-7B rl_model=/ckpt/dapo-7b output_dir=outputs/dapo7b
 
 (or `bash scripts/analyze_logp_diff.sh ...`). With no overrides it runs in seconds on CPU on the
@@ -33,7 +33,6 @@ import json
 import os
 import re
 import shutil
-import sys
 import warnings
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -60,6 +59,7 @@ from verl_ext.checks import (
     invalid,
     read_jsonl,
 )
+from verl_ext.paths import config_dir
 from verl_ext.progress import size_line
 from verl_ext.wandb_logging import start_run, wandb_enabled
 
@@ -923,14 +923,11 @@ def run(cfg: DictConfig) -> dict[str, Path]:
     return files
 
 
-@hydra.main(config_path=None, config_name=None, version_base=None)
+@hydra.main(config_path=str(config_dir()), config_name="analyze_logp_diff", version_base=None)
 def main(cfg: DictConfig) -> None:
     with exit_on_config_error("analyze_logp_diff", (ConfigError, ValueError, FileNotFoundError)):
         run(cfg)
 
 
 if __name__ == "__main__":
-    if not any(a.startswith("--config-name") or a == "-cn" for a in sys.argv[1:]):
-        repo_configs = Path(__file__).resolve().parents[2] / "configs"
-        sys.argv[1:1] = ["--config-path", str(repo_configs), "--config-name", "analyze_logp_diff"]
     main()

@@ -1,4 +1,4 @@
-"""`python -m verl_ext.evaluation --config-path <repo>/configs --config-name evaluate [overrides]`."""
+"""`python -m verl_ext.evaluation [overrides]` (config: `evaluate.yaml` of `verl_ext.paths.config_dir()`)."""
 
 from verl_ext.evaluation.command import main
 

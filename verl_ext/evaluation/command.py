@@ -39,9 +39,9 @@ from verl_ext.evaluation.report import (
     write_jsonl,
     write_results,
 )
+from verl_ext.paths import config_dir
 from verl_ext.wandb_logging import start_run, wandb_enabled
 
-REPO = Path(__file__).resolve().parents[2]
 MODES = ("auto", "grade", "generate")
 REQUIRED_COLUMNS = ("prompt_id", "response", "ground_truth", "data_source")
 
@@ -271,7 +271,7 @@ def run(cfg: DictConfig) -> dict:
     return {"table": table, "paths": paths, "problems": problems, "mode": mode}
 
 
-@hydra.main(version_base=None, config_path=str(REPO / "configs"), config_name="evaluate")
+@hydra.main(version_base=None, config_path=str(config_dir()), config_name="evaluate")
 def main(cfg: DictConfig) -> None:
     with exit_on_config_error("evaluate", (ConfigError, FileNotFoundError, ValueError)):
         run(cfg)

@@ -33,9 +33,9 @@ import hydra
 from omegaconf import DictConfig, OmegaConf
 
 from verl_ext.atomic_io import atomic_write_bytes
+from verl_ext.paths import config_dir, source_root
 
-REPO = Path(__file__).resolve().parents[2]
-CONFIGS = REPO / "configs"
+CONFIGS = config_dir()
 STAGES = ("base", "data", "train", "evaluate", "analysis", "replacement", "extrapolation", "report")
 SCHEMES = ("none", "lowprob", "ppl", "dominate")
 
@@ -246,7 +246,10 @@ def train_one(cfg: DictConfig, out: Path, scheme: str, seed: int) -> dict:
         "VERL_FILE_LOGGER_PATH": str(run_dir / "metrics.jsonl"),
         "WANDB_RUN_GROUP": os.environ.get("WANDB_RUN_GROUP", "reproduce-mini"),
     }
-    cmd = ["bash", str(REPO / "scripts" / "run_baselines.sh"), *training_overrides(cfg, out, scheme, seed)]
+    repo = source_root()
+    if repo is None:
+        raise FileNotFoundError("the train stage runs scripts/run_baselines.sh, which only a checkout of the repository has")
+    cmd = ["bash", str(repo / "scripts" / "run_baselines.sh"), *training_overrides(cfg, out, scheme, seed)]
     print(f"[mini] train {name}: {' '.join(cmd[:2])} ... (logs under {run_dir})", flush=True)
     proc = subprocess.run(cmd, env=env, stdout=subprocess.DEVNULL if not cfg.show_progress else None, check=False)
     if proc.returncode != 0:
