@@ -3,7 +3,7 @@
 # Hydra overrides pass through (see configs/analyze_logp_diff.yaml):
 #
 #   bash scripts/analyze_logp_diff.sh                                   # tiny CPU default, seconds
-#   bash scripts/analyze_logp_diff.sh base_model=Qwen/Qwen2.5-Math-7B rl_model=/ckpt/dapo-7b \
+#   bash scripts/analyze_logp_diff.sh models.base=Qwen/Qwen2.5-Math-7B models.rl=/ckpt/dapo-7b \
 #       input.prompts=shared/data/aime_2021_2024.jsonl input.prompt_key=question sampling.n=8
 #   bash scripts/analyze_logp_diff.sh input.source=files 'input.files=[{path: runs/val_dumps, generator: rl}]'
 #

@@ -85,8 +85,8 @@ def assets(tmp_path_factory):
 
 def make_cfg(assets, out: Path, *extra: str):
     overrides = [
-        f"base_model={assets['base']}",
-        f"rl_model={assets['rl']}",
+        f"models.base={assets['base']}",
+        f"models.rl={assets['rl']}",
         f"output_dir={out}",
         f"input.prompts={assets['prompts']}",
         "input.prompt_key=question",
@@ -271,7 +271,7 @@ def test_files_input_parquet_and_verl_dump(assets, tmp_path, monkeypatch):
 
 def test_different_tokenizers_fail_before_any_work(assets, tmp_path):
     other = save_model(tmp_path / "rl_other_tok", 2, char_tokenizer(extra=("<think>",)))
-    cfg = make_cfg(assets, tmp_path / "run", f"rl_model={other}")
+    cfg = make_cfg(assets, tmp_path / "run", f"models.rl={other}")
     with pytest.raises(
         ValueError, match=r"tokenizers differ: vocabulary sizes (\d+) vs (?!\1)\d+ .*only in RL: \['<think>'\]"
     ):
@@ -282,8 +282,8 @@ def test_different_tokenizers_fail_before_any_work(assets, tmp_path):
 def test_config_errors_name_valid_choices(assets, tmp_path):
     with pytest.raises(ValueError, match=r"input.source='web' is invalid; valid: sample, files"):
         logp_diff.run(make_cfg(assets, tmp_path / "a", "input.source=web"))
-    with pytest.raises(ValueError, match=r"rl_model is not set"):
-        logp_diff.run(make_cfg(assets, tmp_path / "b", "rl_model=null"))
+    with pytest.raises(ValueError, match=r"models.rl is not set"):
+        logp_diff.run(make_cfg(assets, tmp_path / "b", "models.rl=null"))
     with pytest.raises(ValueError, match=r"valid: a non-empty list of base, rl"):
         logp_diff.run(make_cfg(assets, tmp_path / "c", "sampling.generators=[sft]"))
     with pytest.raises(ValueError, match=r"input.files is empty"):
@@ -302,9 +302,9 @@ def test_config_errors_name_valid_choices(assets, tmp_path):
         ("report.tail_thresholds=[-0.1]", "report.tail_thresholds[0]=-0.1 is invalid; valid: a number >= 0"),
         ("report.delta_bin_edges=[1,0]", "report.delta_bin_edges=[1, 0] is invalid; valid: at least 2 strictly increasing"),
         ("scoring.chunk_size=0", "scoring.chunk_size=0 is invalid; valid: an integer >= 1"),
-        ("dtype=float8", "dtype='float8' is invalid; valid: auto, float32, bfloat16, float16"),
-        ("device=gpu", "device='gpu' is invalid; valid: auto, cpu, cuda, cuda:N"),
-        ("base_model=/nonexistent/base", "base_model='/nonexistent/base': no such model directory"),
+        ("models.dtype=float8", "models.dtype='float8' is invalid; valid: auto, float32, bfloat16, float16"),
+        ("models.device=gpu", "models.device='gpu' is invalid; valid: auto, cpu, cuda, cuda:N"),
+        ("models.base=/nonexistent/base", "models.base='/nonexistent/base': no such model directory"),
     ],
 )
 def test_bad_settings_are_refused_before_models_load(assets, tmp_path, override, message, monkeypatch):

@@ -332,3 +332,50 @@ def _build_if_missing(target: Path, write, files: tuple[str, ...]) -> None:
 
 if __name__ == "__main__":
     print(ensure_tiny_assets())
+
+
+# ----------------------------------------------------------------------------- stand-in RL model
+
+STAND_IN_SEED = 1  # ε's seed: one stand-in per noise level, the same for every command
+
+
+def perturbed_model(model, noise: float, seed: int = STAND_IN_SEED):
+    """A deterministic stand-in "RL" model (not RL-trained): a copy with, per parameter tensor,
+
+        θ' = θ + noise · std(θ) · ε,   ε ~ N(0, I) from `seed`,
+
+    tensors visited in name order (std(θ) = |θ| for a one-element tensor). Used by the tiny
+    defaults of the analysis and the sweeps, whose figures label the pair a stand-in."""
+    import copy
+
+    import torch
+
+    rl = copy.deepcopy(model)
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for _, p in sorted(rl.named_parameters(), key=lambda kv: kv[0]):
+            std = p.float().std() if p.numel() > 1 else p.float().abs()
+            p.add_((noise * std * torch.randn(p.shape, generator=g)).to(p.dtype))
+    return rl
+
+
+def save_perturbed_copy(src: str | Path, dst: str | Path, noise: float, seed: int = STAND_IN_SEED) -> Path:
+    """`perturbed_model` of the model at `src`, saved with its tokenizer to `dst` (written to a
+    temporary folder and renamed; reused when `dst` already holds the same perturbation)."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    dst = Path(dst)
+    stamp = dst / "PERTURBATION"
+    tag = json.dumps({"src": str(src), "noise": noise, "seed": seed})
+    if stamp.is_file() and stamp.read_text() == tag:
+        return dst
+    model = perturbed_model(AutoModelForCausalLM.from_pretrained(str(src), dtype=torch.float32), noise, seed)
+    tmp = dst.with_name(f".{dst.name}.tmp-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(tmp)
+    AutoTokenizer.from_pretrained(str(src)).save_pretrained(tmp)
+    (tmp / "PERTURBATION").write_text(tag)
+    shutil.rmtree(dst, ignore_errors=True)
+    os.replace(tmp, dst)
+    return dst

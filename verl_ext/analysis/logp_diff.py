@@ -1,10 +1,10 @@
 """Offline token-level analysis of an RLVR model π_RL against its base model π_B (issue #5).
 
     python -m verl_ext.analysis.logp_diff \
-        base_model=Qwen/Qwen2.5-Math-7B rl_model=/ckpt/dapo-7b output_dir=outputs/dapo7b
+        models.base=Qwen/Qwen2.5-Math-7B models.rl=/ckpt/dapo-7b output_dir=outputs/dapo7b
 
 (or `bash scripts/analyze_logp_diff.sh ...`). With no overrides it runs in seconds on CPU on the
-tiny assets (`verl_ext.tiny_assets`), with a fixed random perturbation of the tiny model as π_RL.
+tiny assets (`verl_ext.tiny_assets`), with a labelled stand-in π_RL (`tiny_assets.perturbed_model`).
 
 Pipeline, every step resumable (each output is written to a temporary file and renamed):
 
@@ -255,35 +255,6 @@ def resolve_device(device: str) -> str:
     if device == "auto":
         return "cuda" if torch.cuda.is_available() else "cpu"
     return device
-
-
-def perturbed_copy(src: str | Path, dst: str | Path, scale: float, seed: int) -> Path:
-    """Save a copy of the model at `src` with θ' = θ + scale·std(θ)·ε, ε ~ N(0, 1) (seeded), to `dst`.
-
-    A stand-in RL model for CPU smoke runs of the tiny assets; written atomically, reused when present.
-    """
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    dst = Path(dst)
-    stamp = dst / "PERTURBATION"
-    tag = json.dumps({"src": str(src), "scale": scale, "seed": seed})
-    if stamp.is_file() and stamp.read_text() == tag:
-        return dst
-    model = AutoModelForCausalLM.from_pretrained(str(src), dtype=torch.float32)
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for _, p in sorted(model.named_parameters(), key=lambda kv: kv[0]):
-            std = p.std() if p.numel() > 1 else p.abs()
-            p.add_(scale * std * torch.randn(p.shape, generator=gen))
-    tmp = dst.with_name(f".{dst.name}.tmp-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(tmp)
-    AutoTokenizer.from_pretrained(str(src)).save_pretrained(tmp)
-    (tmp / "PERTURBATION").write_text(tag)
-    shutil.rmtree(dst, ignore_errors=True)
-    os.replace(tmp, dst)
-    return dst
 
 
 def load_tokenizers(base_path: str, rl_path: str, tokenizer_path: str | None):
@@ -541,7 +512,7 @@ class Executor:
 
 def config_fingerprint(cfg: DictConfig) -> dict:
     """The parts of the config that determine the shard contents (checked on resume)."""
-    keep = {k: cfg[k] for k in ("base_model", "rl_model", "tokenizer", "dtype")}
+    keep = {k: cfg.models[k] for k in ("base", "rl", "tokenizer", "dtype", "tiny_rl_noise")}
     keep["input"] = cfg.input
     keep["sharding"] = cfg.sharding
     if cfg.input.source == "sample":
@@ -577,23 +548,24 @@ def check_manifest(out: Path, fingerprint: dict, overwrite: bool) -> None:
 def resolve_models(cfg: DictConfig, out: Path) -> tuple[str, str, str | None, Any]:
     """(base path, RL path, tokenizer path, tiny assets or None) with the tiny defaults filled in."""
     tiny = None
-    base, rl = cfg.base_model, cfg.rl_model
+    base, rl = cfg.models.base, cfg.models.rl
     if base is None:
         from verl_ext.tiny_assets import ensure_tiny_assets
 
         tiny = ensure_tiny_assets()
         base = str(tiny.model_dir)
         if rl is None:
-            p = cfg.tiny_rl_perturbation
-            rl = str(perturbed_copy(base, out / "tiny_rl_model", scale=p.scale, seed=p.seed))
+            from verl_ext.tiny_assets import save_perturbed_copy
+
+            rl = str(save_perturbed_copy(base, out / "tiny_rl_model", cfg.models.tiny_rl_noise))
     if rl is None:
         raise ValueError(
-            "rl_model is not set: give the RLVR model's path (rl_model=null only works with the tiny default base_model=null)"
+            "models.rl is not set: give the RLVR model's path (models.rl=null only works with the tiny default models.base=null)"
         )
-    for key, path in (("base_model", base), ("rl_model", rl)):
+    for key, path in (("models.base", base), ("models.rl", rl)):
         if not Path(path).exists() and (Path(path).is_absolute() or str(path).startswith(".")):
             raise FileNotFoundError(f"{key}={path!r}: no such model directory")
-    return str(base), str(rl), cfg.tokenizer, tiny
+    return str(base), str(rl), cfg.models.tokenizer, tiny
 
 
 def load_prompts(cfg: DictConfig, tokenizer, tiny) -> list[tuple[int, list[int]]]:
@@ -729,11 +701,11 @@ def _short(name) -> str:
 def figure_caption(cfg: DictConfig, df) -> str:
     """What every analysis figure says about itself: the two models, the data and the sample size. The
     tiny default's RL model is a randomly perturbed copy of the base, and the caption says so."""
-    base = _short(cfg.base_model) if cfg.base_model else "tiny base model"
-    if cfg.rl_model:
-        rl = _short(cfg.rl_model)
+    base = _short(cfg.models.base) if cfg.models.base else "tiny base model"
+    if cfg.models.rl:
+        rl = _short(cfg.models.rl)
     else:
-        rl = f"STAND-IN (not RL-trained: π_B + {cfg.tiny_rl_perturbation.scale:g}·std·noise)"
+        rl = f"STAND-IN (not RL-trained: π_B + {cfg.models.tiny_rl_noise:g}·std·noise)"
     if cfg.input.source == "sample":
         data = _short(cfg.input.prompts) if cfg.input.prompts else "tiny arithmetic validation prompts"
         size = f"{df['prompt_index'].nunique()} prompts × {cfg.sampling.n} samples per generator"
@@ -832,9 +804,9 @@ def validate(cfg: DictConfig) -> None:
 
     check_choice(cfg.input.source, "input.source", SOURCES)
     wandb_enabled(cfg.wandb.enable)  # a bad setting fails now, not after the scoring
-    if not DEVICE.fullmatch(str(cfg.device)):
-        raise invalid("device", cfg.device, "auto, cpu, cuda, cuda:N")
-    check_choice(cfg.dtype, "dtype", DTYPES)
+    if not DEVICE.fullmatch(str(cfg.models.device)):
+        raise invalid("models.device", cfg.models.device, "auto, cpu, cuda, cuda:N")
+    check_choice(cfg.models.dtype, "models.dtype", DTYPES)
     check_writable_dir(cfg.output_dir, "output_dir")
     check_sampling(cfg.sampling, "sampling", keys=("n", "temperature", "top_p", "top_k", "max_new_tokens",
                                                    "batch_size", "seed"))
@@ -858,13 +830,13 @@ def validate(cfg: DictConfig) -> None:
         raise invalid("report.delta_bin_edges", edges, "at least 2 strictly increasing numbers")
     _positive_int(r.top_k, "report.top_k")
     _positive_int(r.min_token_count, "report.min_token_count")
-    check_number(cfg.tiny_rl_perturbation.scale, "tiny_rl_perturbation.scale", low=0)
-    for key in ("base_model", "rl_model", "tokenizer"):
-        if cfg[key] is not None:
-            check_model_source(cfg[key], key)
-    if cfg.base_model is not None and cfg.rl_model is None:
+    check_number(cfg.models.tiny_rl_noise, "models.tiny_rl_noise", low=0)
+    for key in ("base", "rl", "tokenizer"):
+        if cfg.models[key] is not None:
+            check_model_source(cfg.models[key], f"models.{key}")
+    if cfg.models.base is not None and cfg.models.rl is None:
         raise ConfigError(
-            "rl_model is not set: give the RLVR model's path (rl_model=null only works with the tiny default base_model=null)"
+            "models.rl is not set: give the RLVR model's path (models.rl=null only works with the tiny default models.base=null)"
         )
     _positive_int(cfg.input.max_prompts, "input.max_prompts", allow_none=True)
     _positive_int(cfg.input.get("max_responses"), "input.max_responses", allow_none=True)
@@ -873,7 +845,7 @@ def validate(cfg: DictConfig) -> None:
             check_file(cfg.input.prompts, "input.prompts", suffixes=(".parquet", ".jsonl"))
             if not read_prompt_rows(cfg.input.prompts, cfg.input.prompt_key):
                 raise ConfigError(f"input.prompts={str(cfg.input.prompts)!r}: the file has no rows")
-        elif cfg.base_model is not None:
+        elif cfg.models.base is not None:
             raise ConfigError("input.prompts is not set: give a parquet (verl RL format) or jsonl file of prompts")
     else:
         if not cfg.input.files:
@@ -888,7 +860,7 @@ def run(cfg: DictConfig) -> dict[str, Path]:
     """The whole analysis (see the module docstring); returns the report files."""
     from verl_ext.merge import resolve_config_paths
 
-    resolve_config_paths(cfg, ("base_model", "rl_model", "tokenizer"))  # a training run's folder: its merged model
+    resolve_config_paths(cfg, ("models.base", "models.rl", "models.tokenizer"))  # a training run's folder: its merged model
     validate(cfg)
     out = Path(cfg.output_dir).resolve()
     check_manifest(out, config_fingerprint(cfg), cfg.overwrite)
@@ -898,8 +870,8 @@ def run(cfg: DictConfig) -> dict[str, Path]:
         base_model=base,
         rl_model=rl,
         tokenizer=tok_path or base,
-        device=cfg.device,
-        dtype=cfg.dtype,
+        device=cfg.models.device,
+        dtype=cfg.models.dtype,
         sampling=OmegaConf.to_container(cfg.sampling, resolve=True),
         scoring=OmegaConf.to_container(cfg.scoring, resolve=True),
         show_progress=cfg.show_progress,

@@ -321,15 +321,15 @@ def stage_analysis(cfg: DictConfig, out: Path) -> dict:
     acfg = compose(
         "analyze_logp_diff",
         [
-            f"base_model={out / 'base' / 'model'}",
-            f"rl_model={studied_model(cfg, out, cfg.analysis.rl_scheme)}",
+            f"models.base={out / 'base' / 'model'}",
+            f"models.rl={studied_model(cfg, out, cfg.analysis.rl_scheme)}",
             f"input.prompts={out / 'data' / 'eval.parquet'}",
             "input.max_prompts=null",
             f"sampling.n={cfg.analysis.samples}",
             f"sampling.max_new_tokens={cfg.task.max_new_tokens}",
             f"sampling.seed={cfg.seed}",
             "sampling.top_p=1.0",
-            "device=cpu",
+            "models.device=cpu",
             "overwrite=true",
             "workers.use_ray=false",
             f"output_dir={out / 'analysis'}",
