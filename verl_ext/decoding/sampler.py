@@ -15,8 +15,9 @@ So the emitted token has the law  p(y) = p_prop(y)·(1 − g(y)) + [Σ_y' p_prop
 Only the law of y given a fired gate matters, not how y is drawn: `coupling="maximal"` (default)
 draws it by speculative-sampling acceptance from the already proposed ŷ (y = ŷ with probability
 min(1, q(ŷ)/p_F(ŷ)), else from the residual), which keeps y = ŷ as often as any exact draw can
-and so lets the speculative engine cut far fewer rounds; `coupling="independent"` is a fresh
-inverse-CDF draw from q, as Alg. 1 is written. Both give the law above (see `resample`).
+(what lets the experimental speculative rounds, `experimental.py`, cut fewer rounds);
+`coupling="independent"` is a fresh inverse-CDF draw from q, as Alg. 1 is written. Both give the
+law above (see `resample`).
 
 Criteria and Eq. 7 use the models' own distributions (temperature 1, full vocabulary: exact);
 temperature and top-p shape only the distributions tokens are drawn from. Draws use inverse-CDF
@@ -190,7 +191,7 @@ def evaluate_gate(
 
 def gate_reads_proposer_only(rule: DecodingRule) -> bool:
     """True when the gate looks at no model but the proposing one (`criteria.gate_reads`): it can
-    then be decided while drafting, before the other model has run."""
+    then be decided before the other model has run (while drafting, in speculative rounds)."""
     return gate_reads(rule.criterion, rule.base_top_k_approximation) <= {rule.propose_from}
 
 
@@ -303,9 +304,9 @@ def resample(
     coupling="independent": y = inverse-CDF draw from q with u.
     coupling="maximal": `speculative_accept` with target q and draft ŷ, whose law given that the gate
     fired is p_F (`fired_proposal_probs`): y = ŷ with probability 1 − TV(p_F, q), the most any draw
-    of y ~ q keeps ŷ. Where π_RL is close to π_B this is close to 1 for gates that ignore ŷ, so the
-    speculative draft (which continues with ŷ) is rarely cut; for Δlog p < τ, p_F sits where q is
-    small, and little is gained. `p_prop`: `proposal_probs`, when already computed.
+    of y ~ q keeps ŷ. Where π_RL is close to π_B this is close to 1 for gates that ignore ŷ, so an
+    (experimental) speculative draft, which continues with ŷ, is rarely cut; for Δlog p < τ, p_F sits
+    where q is small, and little is gained. `p_prop`: `proposal_probs`, when already computed.
     """
     q = resampling_probs(logp_base, logp_rl, rule)
     if rule.coupling == "independent":
