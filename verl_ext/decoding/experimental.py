@@ -518,7 +518,7 @@ class SpeculativeTwoModelDecoder(TwoModelDecoder):
     def _verify_scorer_draft(self, b: _Batch, draft: _Draft, u: dict[int, torch.Tensor], positions: torch.Tensor):
         """`draft_model="scorer"`: the proposer scores the scorer's k drafts in one pass; each position
         emits y ~ m (the step's output law) by speculative acceptance of the draft, and its gate flag,
-        ŷ and score are drawn from their law given y (`sampler.latent_gate`)."""
+        ŷ and score are drawn from their law given y (`latent_gate`)."""
         b_rows, k = draft.proposal.shape
         pos_ids = b.n_valid[:, None] + torch.arange(k, device=self.device)
         self.stats.scoring_forwards += 1
