@@ -1,4 +1,4 @@
-"""Which model should draft the speculative rounds? Per-position cut rates of both choices, exactly.
+"""Which model should draft the (experimental) speculative rounds? Per-position cut rates of both choices, exactly.
 
     python benchmarks/bench_draft_stop_rates.py                     # tiny CPU assets (base + perturbed RL)
     python benchmarks/bench_draft_stop_rates.py models.base=outputs/reproduce_mini/base/model \\
@@ -7,7 +7,9 @@
 Arguments are Hydra overrides of `configs/token_replacement.yaml` (models, data, decoding.top_p,
 decoding.temperature) plus `+fire_rates=[...]`, `+new_tokens=N`, `+problems=N`.
 
-A step emits y ~ m(y) = p(y)(1 − G(y)) + [Σ_v p(v) G(v)]·q(y) (`sampler.step_law`). A round
+The rounds live in `verl_ext/decoding/experimental.py` (opt-in: slower than the step loop on a
+measured GPU, DESIGN.md §6). A step emits y ~ m(y) = p(y)(1 − G(y)) + [Σ_v p(v) G(v)]·q(y)
+(`experimental.step_law`). A round
 drafted from a law d is cut at a position with probability at least TV(d, m) (speculative
 sampling accepts at most 1 − TV), and the engine attains it: with π_B drafting
 (`draft_model="proposer"`, maximal coupling) the cut rate is TV(p, m); with π_RL drafting
@@ -26,8 +28,9 @@ from pathlib import Path
 import torch
 from hydra import compose, initialize_config_dir
 
-from verl_ext.decoding.engine import Request, TwoModelDecoder, speculative_speed_bound
-from verl_ext.decoding.sampler import DecodingRule, sampling_log_probs, step_law
+from verl_ext.decoding.engine import Request, TwoModelDecoder
+from verl_ext.decoding.experimental import speculative_speed_bound, step_law
+from verl_ext.decoding.sampler import DecodingRule, sampling_log_probs
 from verl_ext.decoding.sweep import load_models_and_problems
 from verl_ext.distributions import entropy, log_softmax
 

@@ -3,7 +3,7 @@
     python benchmarks/bench_step_law.py                          # N = 16 positions, V = 8192 (CPU bench shapes)
     python benchmarks/bench_step_law.py --rows 256 --vocab 151936  # a Qwen2.5 vocabulary, 32 rows × 8 drafts
 
-A π_RL-drafted round (`engine.TwoModelDecoder(draft_model="scorer")`) builds the step's output law
+An (experimental) π_RL-drafted round (`experimental.SpeculativeTwoModelDecoder(draft_model="scorer")`) builds the step's output law
 m at every drafted position, accepts the draft against it and draws the gate's flag given the
 emitted token. Over the vocabulary that is a dozen float64 passes of [N, V]; `step_law(...,
 draft_log_law)` builds it on the tokens p_prop, q or the draft law give mass to (a handful at
@@ -18,20 +18,13 @@ import time
 
 import torch
 
-from verl_ext.decoding.sampler import (
-    DecodingRule,
-    latent_gate,
-    sample_from_log_probs,
-    sampling_log_probs,
-    speculative_accept,
-    step_law,
-    verify_drafts,
-)
+from verl_ext.decoding.experimental import latent_gate, step_law, verify_drafts
+from verl_ext.decoding.sampler import DecodingRule, sample_from_log_probs, sampling_log_probs, speculative_accept
 from verl_ext.distributions import entropy
 
 
 def verify(lb, lr, draft_log_law, drafted, u, rule, on_support: bool):
-    """Acceptance and latent gate: as the engine runs them (`sampler.verify_drafts`, the law on the
+    """Acceptance and latent gate: as the rounds run them (`experimental.verify_drafts`, the law on the
     draft support), or with the law over the vocabulary."""
     if on_support:
         out = verify_drafts(lb, lr, rule, draft_log_law, drafted, *u, draft_is_resampling=True)

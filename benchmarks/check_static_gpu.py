@@ -4,7 +4,7 @@
     python benchmarks/check_static_gpu.py --device cpu    # the same comparisons without graphs (a dry run)
 
 Small random Qwen2s in float32. For each rule, over the same requests and seed: the share of
-sequences whose tokens and flags are identical between (a) `TwoModelDecoder(draft_len=1)`,
+sequences whose tokens and flags are identical between (a) `TwoModelDecoder` (the step loop),
 (b) `StaticTwoModelDecoder` replaying CUDA graphs and (c) the static step run eagerly. (b) and (c)
 run the same kernels, so anything below 100% there is a capture bug; (a) vs (b) may differ only
 where float32 rounding of different attention kernels flips a near-tie. With two GPUs, (d) the

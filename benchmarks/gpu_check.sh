@@ -2,7 +2,8 @@
 # The GPU measurements of issue 21 as one prepared run (< 8 minutes on an H100/H200):
 #
 #   1. check_static_gpu.py        static step replayed as CUDA graphs = eager = the step loop's tokens
-#   2. bench_decoding 1.5b, b=32  every row incl. speculative k=4 and π_RL drafts, with roofline fractions
+#   2. bench_decoding 1.5b, b=32  every row incl. the experimental speculative k=4 and π_RL drafts (vs the
+#                                 static step: do they earn a place in the main path?), roofline fractions
 #   3. profile_static_step 1.5b   one static step: kernel time by kind, replay vs kernel sum, roofline
 #   4. bench_decoding 7b,   b=32  single/step/static rows (--no-spec), roofline fractions
 #   5. bench_decoding 1.5b, b=128 the same
@@ -52,7 +53,7 @@ else
   SHAPE_7="--preset 7b"
   BENCH="--device cuda --repeats 2 --new-tokens 64 --prompt-len 32 --official-vllm off"
   B_SMALL=32; B_LARGE=128
-  SPEC_TOKENS="--new-tokens 48"  # the speculative rows are slow on a GPU: fewer tokens (the DESIGN §6 setting)
+  SPEC_TOKENS="--new-tokens 48"  # the experimental speculative rows are slow on a GPU: fewer tokens (DESIGN §6)
   PROFILE="--device cuda"
   CHECK="--device cuda"
   METRICS="--device cuda --seq-len 4096"

@@ -61,13 +61,17 @@ def test_the_setting_is_restored_on_error_and_other_implementations_are_left_alo
     assert (model.config._attn_implementation, eager.config._attn_implementation) == ("sdpa", "eager")
 
 
-def test_two_model_decoding_never_copies_kv_heads_and_restores_the_models(monkeypatch):
+@pytest.mark.parametrize("draft_len", [1, 3], ids=["step loop", "speculative rounds"])
+def test_two_model_decoding_never_copies_kv_heads_and_restores_the_models(monkeypatch, draft_len):
     from verl_ext.decoding.engine import Request, TwoModelDecoder
+    from verl_ext.decoding.experimental import SpeculativeTwoModelDecoder
     from verl_ext.decoding.sampler import DecodingRule
 
     base, rl = tiny_gqa_model(), tiny_gqa_model()
-    decoder = TwoModelDecoder(base, rl, DecodingRule("delta_logp", -0.1, top_p=0.9), eos_token_ids=[1],
-                              pad_token_id=0, max_new_tokens=6, draft_len=3, max_batch_size=2, admit_min=1)
+    rounds = {} if draft_len == 1 else {"draft_len": draft_len}  # rounds of 3 queries a row and step
+    decoder = (SpeculativeTwoModelDecoder if rounds else TwoModelDecoder)(
+        base, rl, DecodingRule("delta_logp", -0.1, top_p=0.9), eos_token_ids=[1], pad_token_id=0, max_new_tokens=6,
+        max_batch_size=2, admit_min=1, **rounds)
     seen = key_heads_seen(monkeypatch)
     results = decoder.generate([Request([5, 6, 7, 8], 0), Request([9], 1), Request([10, 11], 2)])
     assert all(r.tokens for r in results)

@@ -1,4 +1,5 @@
-"""Pure parts of two-model decoding: random streams, criteria, the two-stage sampler.
+"""Pure parts of two-model decoding: random streams, criteria, the two-stage sampler, and the step law
+the experimental π_RL-drafted rounds verify against (`experimental.step_law`, `latent_gate`, `verify_drafts`).
 
 Every check compares against an independent computation (plain Python / NumPy formulas), or
 against the sampling law p(y) = p_prop(y)(1 − g(y)) + [Σ p_prop g]·q(y) with a chi-square test.
@@ -13,6 +14,7 @@ from scipy import stats
 
 from verl_ext.decoding import rng
 from verl_ext.decoding.criteria import CRITERIA, GateInputs, can_fire, criterion_score, gate, gate_reads, get_criterion
+from verl_ext.decoding.experimental import latent_gate, step_law, support_columns, verify_drafts
 from verl_ext.decoding.sampler import (
     DecodingRule,
     base_top_k_view,
@@ -20,15 +22,11 @@ from verl_ext.decoding.sampler import (
     evaluate_gate_on_proposer,
     gate_and_resample,
     gate_reads_proposer_only,
-    latent_gate,
     resample,
     sample_from_log_probs,
     sampling_log_probs,
     speculative_accept,
-    step_law,
-    support_columns,
     two_stage_step,
-    verify_drafts,
 )
 
 M64 = (1 << 64) - 1

@@ -1,7 +1,7 @@
 """Static-cache decoding (`verl_ext/decoding/static.py`) against independent computations.
 
 - `decode_forward` / `prefill` against transformers' own cache-free forward of each sequence.
-- `StaticTwoModelDecoder` against today's step loop (`TwoModelDecoder`, draft_len=1) for every
+- `StaticTwoModelDecoder` against today's step loop (`TwoModelDecoder`) for every
   criterion of `test_decoding_engine.RULES`: the same tokens and flags for the same seeds, in
   float64 (scores to 1e-9) and in float32 (the CPU benchmark's dtype), whatever the slot count,
   sync period, request order, and for the fixed-shape sampler a CUDA graph runs.
@@ -129,7 +129,7 @@ def test_same_tokens_as_the_step_loop_for_every_criterion(models, models32, name
     Fewer slots than requests (refills), EOS between host checks (sync_every=3)."""
     rule = RULES[name]
     for (base, rl), exact in ((models, True), (models32, False)):
-        ref = decoder(base, rl, rule, seed=11, draft_len=1, max_batch_size=4).generate(REQS)
+        ref = decoder(base, rl, rule, seed=11, max_batch_size=4).generate(REQS)
         dec = static(base, rl, rule, seed=11, max_batch_size=3, sync_every=3)
         got = dec.generate(REQS)
         for x, y in zip(ref, got):
@@ -201,7 +201,7 @@ def test_the_graph_step_gives_the_same_tokens_run_eagerly(models32, monkeypatch,
     base, rl = models32
     monkeypatch.setattr(distributions, "must_not_sync", lambda t: True)
     for name in ("delta_logp", "table1-rl-proposal", "official-top5", "none"):
-        ref = decoder(base, rl, RULES[name], seed=2, draft_len=1).generate(REQS)
+        ref = decoder(base, rl, RULES[name], seed=2).generate(REQS)
         dec = static(base, rl, RULES[name], seed=2, max_batch_size=4)
         dec.sync_free, dec.split_devices = True, split_devices
         got = dec.generate(REQS)
@@ -226,7 +226,7 @@ def test_captured_steps_replayed_per_width_bucket_give_the_step_loops_tokens(mod
 
     monkeypatch.setattr(static_module, "capture_graph", capture_stand_in)
     for name in ("delta_logp", "entropy_base", "table1-rl-proposal", "none"):
-        ref = decoder(base, rl, RULES[name], seed=2, draft_len=1).generate(REQS)
+        ref = decoder(base, rl, RULES[name], seed=2).generate(REQS)
         dec = static(base, rl, RULES[name], seed=2, max_batch_size=4, sync_every=3)
         dec.use_graph = dec.sync_free = True
         dec.split_devices = split_devices

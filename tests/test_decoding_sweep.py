@@ -171,20 +171,37 @@ def test_resume_refuses_shards_of_other_settings_but_not_of_other_speed_settings
     src, summary, _ = swept
     out = tmp_path / "copy"
     shutil.copytree(src, out)
-    # the draft length changes speed only: the shards on disk are still this sweep's
-    pd.testing.assert_frame_equal(table(sweep.run(make_cfg(out, "decoding.draft_len=2"))), table(summary))
+    # the experimental speculative rounds drafted by the proposer change speed only, whatever the
+    # draft length: the shards on disk (step by step, the default) are still this sweep's
+    pd.testing.assert_frame_equal(
+        table(sweep.run(make_cfg(out, "decoding.speculative=true", "decoding.draft_len=2"))), table(summary))
     with pytest.raises(sweep.SweepError, match=r"other settings \(decoding: .*'coupling': 'maximal'.*"
                                                r"'coupling': 'independent'.*delete .*runs to start over"):
         sweep.run(make_cfg(out, "decoding.coupling=independent"))
     with pytest.raises(sweep.SweepError, match="n_samples: 2 -> 3"):
         sweep.run(make_cfg(out, "n_samples=3"))
     with pytest.raises(sweep.SweepError, match="'draft_model': 'scorer'"):  # same law, other tokens
-        sweep.run(make_cfg(out, "decoding.draft_model=scorer"))
-    # without speculative rounds the proposer drafts whatever draft_model says: still this sweep's shards
-    pd.testing.assert_frame_equal(
-        table(sweep.run(make_cfg(out, "decoding.speculative=false", "decoding.draft_model=scorer"))), table(summary))
+        sweep.run(make_cfg(out, "decoding.speculative=true", "decoding.draft_model=scorer"))
+    # without speculative rounds (the default) draft_model is unused: still this sweep's shards
+    pd.testing.assert_frame_equal(table(sweep.run(make_cfg(out, "decoding.draft_model=scorer"))), table(summary))
     pd.testing.assert_frame_equal(
         table(sweep.run(make_cfg(out, "decoding.static_cache=true", "decoding.draft_model=scorer"))), table(summary))
+
+
+def test_experimental_speculative_rounds_give_the_same_sweep(swept, tmp_path, monkeypatch):
+    """`decoding.speculative=true` (experimental, proposer drafts) decodes in rounds of drafted
+    tokens: the step loop's tokens, so the same shards, from scratch."""
+    from verl_ext.decoding.experimental import SpeculativeTwoModelDecoder
+
+    made, init = [], SpeculativeTwoModelDecoder.__init__
+    monkeypatch.setattr(SpeculativeTwoModelDecoder, "__init__",
+                        lambda self, *a, **kw: made.append(kw["draft_len"]) or init(self, *a, **kw))
+    src, summary, _ = swept
+    out = tmp_path / "speculative"
+    pd.testing.assert_frame_equal(table(sweep.run(make_cfg(out, "decoding.speculative=true"))), table(summary))
+    assert made and set(made) == {4}  # every shard decoded in rounds of the config's draft length
+    pd.testing.assert_frame_equal(all_rows(out).drop(columns=["run"], errors="ignore"),
+                                  all_rows(src).drop(columns=["run"], errors="ignore"))
 
 
 def test_static_caches_give_the_same_sweep(swept, tmp_path):
@@ -242,6 +259,8 @@ def test_bad_criterion_lists_valid_ones(tmp_path):
         ("token_replacement", "decoding.temperature=nan", "decoding.temperature=nan is invalid; valid: a number > 0"),
         ("token_replacement", "decoding.top_p=1.5", "decoding.top_p=1.5 is invalid; valid: a number in (0, 1]"),
         ("token_replacement", "decoding.draft_len=0", "decoding.draft_len=0 is invalid; valid: an integer >= 1, or auto"),
+        ("token_replacement", "decoding.draft_model=rl", "decoding.draft_model='rl' is invalid; valid: proposer, scorer"),
+        ("extrapolation", "decoding.speculative=maybe", "decoding.speculative='maybe' is invalid; valid: True, False"),
         ("token_replacement", "decoding.coupling=greedy", "decoding.coupling='greedy' is invalid; valid: maximal, independent"),
         ("token_replacement", "sweep.thresholds={delta_logp:[nan]}", "sweep.thresholds.delta_logp[0]=nan is invalid"),
         ("token_replacement", "sweep.thresholds={delta_logp:[]}", "sweep.thresholds.delta_logp is empty"),

@@ -3,10 +3,11 @@
 - `criteria`: the gate criteria f(ŷ) (entropy, KL, Δlog p, random, none, all).
 - `sampler`: the two-stage sampler (propose, gate, resample) as pure tensor functions.
 - `rng`: per-sequence counter-based random streams (batch-independent draws).
-- `engine`: `TwoModelDecoder`, continuous batching with one KV cache per model and exact
-  speculative rounds (`draft_len > 1`).
+- `engine`: `TwoModelDecoder`, the step-by-step loop: continuous batching with one KV cache per model.
 - `static`: `StaticTwoModelDecoder`, the step loop on static KV caches with one fixed-shape step
-  (a CUDA graph on a GPU); the same tokens as `TwoModelDecoder(draft_len=1)`.
+  (a CUDA graph on a GPU); the same tokens as `TwoModelDecoder`.
+- `experimental`: `SpeculativeTwoModelDecoder`, exact speculative rounds (k drafts, adaptive k, π_RL
+  drafts). Opt-in only: slower than the step loop on a measured GPU (DESIGN.md §6).
 - `sweep`: the hydra entry point of the criterion × threshold sweeps.
 """
 

@@ -1,7 +1,7 @@
 """Grouped-query attention through a padding mask without expanding the KV heads, on CPU.
 
 Two-model decoding attends through a mask as soon as rows differ in length (left padding) or a
-round was cut (masked-out cache columns). transformers' `sdpa` attention then repeats every KV
+speculative round was cut (masked-out cache columns, `experimental.py`). transformers' `sdpa` attention then repeats every KV
 head `num_key_value_groups` times before calling `scaled_dot_product_attention`, because on CUDA
 `enable_gqa` with a mask falls back to the slow math kernel; the CPU kernel takes the mask and
 `enable_gqa` together, and skipping the copies made the speculative rows of

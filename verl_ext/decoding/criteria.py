@@ -18,7 +18,7 @@ criterion is a score s and a direction; the gate fires where s > τ ("above") or
 
 Only `delta_logp` and `random` depend on the proposed token or a draw; every other score is a
 function of the prefix alone. None depends on earlier gate decisions, which is what makes the
-speculative mode exact (see `engine.py`).
+experimental speculative rounds exact (see `experimental.py`).
 
 `reads` says which models' distributions a score looks at. A gate that reads only the proposing
 model (e.g. `entropy_base` with π_B proposing, `random`, `none`, `all`) is decided while drafting,

@@ -2,8 +2,8 @@
 
 Every random draw of the decoder is a pure function of (seed, sequence id, response position,
 purpose), so a sequence gets the same numbers whatever batch it runs in, in whatever order, and
-whether the step-by-step loop or the speculative mode generates it. That makes batched ==
-unbatched and speculative == step-by-step hold token for token (up to floating-point ties), not
+whether the step-by-step loop or the (experimental) speculative rounds generate it. That makes
+batched == unbatched and speculative == step-by-step hold token for token (up to floating-point ties), not
 only in distribution.
 
 The mixing function is SplitMix64's finaliser (Steele, Lea & Flood 2014) on int64 tensors, whose
@@ -19,8 +19,8 @@ STREAM_PROPOSAL = 0  # ŷ ~ π_proposal (π_B in Alg. 1)
 STREAM_GATE = 1  # u ~ U(0,1) for the `random` criterion
 STREAM_RESAMPLE = 2  # y ~ q (π_RL or π_Extra) where the gate fired
 NUM_STREAMS = 3
-# Streams drawn only by the scorer-drafted speculative mode (engine `draft_model="scorer"`). They live
-# in a second lane (the same counters under a re-mixed key), so the three above keep their values.
+# Streams drawn only by the experimental scorer-drafted rounds (`experimental.py`, draft_model="scorer").
+# They live in a second lane (the same counters under a re-mixed key), so the three above keep their values.
 STREAM_SCORER_DRAFT = NUM_STREAMS  # the scorer's draft token
 
 _MASK64 = (1 << 64) - 1

@@ -15,8 +15,9 @@ So the emitted token has the law  p(y) = p_prop(y)·(1 − g(y)) + [Σ_y' p_prop
 Only the law of y given a fired gate matters, not how y is drawn: `coupling="maximal"` (default)
 draws it by speculative-sampling acceptance from the already proposed ŷ (y = ŷ with probability
 min(1, q(ŷ)/p_F(ŷ)), else from the residual), which keeps y = ŷ as often as any exact draw can
-and so lets the speculative engine cut far fewer rounds; `coupling="independent"` is a fresh
-inverse-CDF draw from q, as Alg. 1 is written. Both give the law above (see `resample`).
+(what lets the experimental speculative rounds, `experimental.py`, cut fewer rounds);
+`coupling="independent"` is a fresh inverse-CDF draw from q, as Alg. 1 is written. Both give the
+law above (see `resample`).
 
 Criteria and Eq. 7 use the models' own distributions (temperature 1, full vocabulary: exact);
 temperature and top-p shape only the distributions tokens are drawn from. Draws use inverse-CDF
@@ -190,7 +191,7 @@ def evaluate_gate(
 
 def gate_reads_proposer_only(rule: DecodingRule) -> bool:
     """True when the gate looks at no model but the proposing one (`criteria.gate_reads`): it can
-    then be decided while drafting, before the other model has run."""
+    then be decided before the other model has run (while drafting, in speculative rounds)."""
     return gate_reads(rule.criterion, rule.base_top_k_approximation) <= {rule.propose_from}
 
 
@@ -303,129 +304,14 @@ def resample(
     coupling="independent": y = inverse-CDF draw from q with u.
     coupling="maximal": `speculative_accept` with target q and draft ŷ, whose law given that the gate
     fired is p_F (`fired_proposal_probs`): y = ŷ with probability 1 − TV(p_F, q), the most any draw
-    of y ~ q keeps ŷ. Where π_RL is close to π_B this is close to 1 for gates that ignore ŷ, so the
-    speculative draft (which continues with ŷ) is rarely cut; for Δlog p < τ, p_F sits where q is
-    small, and little is gained. `p_prop`: `proposal_probs`, when already computed.
+    of y ~ q keeps ŷ. Where π_RL is close to π_B this is close to 1 for gates that ignore ŷ, so an
+    (experimental) speculative draft, which continues with ŷ, is rarely cut; for Δlog p < τ, p_F sits
+    where q is small, and little is gained. `p_prop`: `proposal_probs`, when already computed.
     """
     q = resampling_probs(logp_base, logp_rl, rule)
     if rule.coupling == "independent":
         return sample_from_probs(q, u_resample)
     return speculative_accept(q, fired_proposal_probs(logp_base, logp_rl, rule, p_prop), proposal, u_resample)
-
-
-@dataclass(frozen=True)
-class StepLaw:
-    """The distributions of one two-stage step at N positions (float64), over W columns: the whole
-    vocabulary (`columns` None, column = token id) or, per row, the tokens in `columns`."""
-
-    proposal: torch.Tensor  # [N, W] p_prop
-    fired: torch.Tensor  # [N, W] P(ŷ = v, the gate fires) = p_prop(v)·G(v), G(v) = P(fires | ŷ = v)
-    kept: torch.Tensor  # [N, W] P(ŷ = v, the gate does not fire) = p_prop(v)·(1 − G(v))
-    emitted: torch.Tensor  # [N, W] m(y) = p_prop(y)(1 − G(y)) + [Σ_v p_prop(v) G(v)]·q(y)
-    columns: torch.Tensor | None = None  # [N, W] token id of each column
-    draft: torch.Tensor | None = None  # [N, W] the law drafts were drawn from, when given
-    prefix_score: torch.Tensor | None = None  # [N] `prefix_gate_score`, for criteria that have one
-
-    def token_of(self, column: torch.Tensor) -> torch.Tensor:
-        """Token ids of per-row column indices `[N]`."""
-        return column if self.columns is None else self.columns.gather(-1, column.unsqueeze(-1)).squeeze(-1)
-
-    def column_of(self, token: torch.Tensor) -> torch.Tensor:
-        """Per-row column index of token ids `[N]`, each of which must be one of its row's columns."""
-        if self.columns is None:
-            return token
-        return (self.columns == token.unsqueeze(-1)).to(torch.uint8).argmax(-1)
-
-
-def support_columns(support: torch.Tensor) -> torch.Tensor:
-    """Per row, the token ids where `support` `[N, V]` is True, in increasing order, `[N, W]` with W
-    the largest row count; shorter rows are padded with a token outside their support (any token when
-    a row's support is the whole vocabulary, which then has no padding)."""
-    counts = support.sum(-1)
-    rows, cols = support.nonzero(as_tuple=True)  # row-major: ids increase within a row
-    starts = torch.cumsum(counts, 0) - counts
-    outside = (~support).to(torch.uint8).argmax(-1)
-    columns = outside.unsqueeze(-1).repeat(1, int(counts.max().item()) if counts.numel() else 0)
-    columns[rows, torch.arange(rows.numel(), device=support.device) - starts[rows]] = cols
-    return columns
-
-
-def step_law(
-    logp_base: torch.Tensor, logp_rl: torch.Tensor, rule: DecodingRule,
-    draft_log_law: torch.Tensor | None = None, draft_is_resampling: bool = False,
-) -> StepLaw:
-    """The step's distributions, m being the law of the emitted token (the module docstring's p(y)).
-
-    Without `draft_log_law`: over the whole vocabulary. With it (log of the law `[N, V]` that drafts
-    were drawn from, for verifying them against m): over the tokens where p_prop, q or the draft law
-    has mass, the only ones any of them or the acceptance can touch (`support_columns`). In increasing
-    token order, so inverse-CDF draws over the columns pick the tokens draws over the vocabulary
-    would, from the same float values. `draft_is_resampling`: the draft law *is* q (π_RL drafted,
-    replacing exactly), reused rather than recomputed.
-    """
-    log_p = proposal_log_probs(logp_base, logp_rl, rule)
-    prefix_score = prefix_gate_score(logp_base, logp_rl, rule)
-    if draft_log_law is None:
-        p, g, q = log_p.to(torch.float64).exp(), fire_probability(logp_base, logp_rl, rule, prefix_score), \
-            resampling_probs(logp_base, logp_rl, rule)
-        columns = draft = None
-    else:
-        log_q = draft_log_law if draft_is_resampling else resampling_log_probs(logp_base, logp_rl, rule)
-        support = (log_p > float("-inf")) | (log_q > float("-inf")) | (draft_log_law > float("-inf"))
-        columns = support_columns(support)
-        on = lambda t: t.gather(-1, columns)
-        p, q, draft = (on(t).to(torch.float64).exp() for t in (log_p, log_q, draft_log_law))
-        if get_criterion(rule.criterion).uses_token and not rule.base_top_k_approximation:
-            g = fire_probability(on(logp_base), on(logp_rl), rule)  # 1[Δlog p(v) < τ]: elementwise
-        else:
-            g = fire_probability(logp_base, logp_rl, rule, prefix_score)
-            g = g if g.shape[-1] == 1 else on(g)
-    kept, fired = p * (1 - g), p * g
-    return StepLaw(p, fired, kept, kept + fired.sum(-1, keepdim=True) * q, columns, draft, prefix_score)
-
-
-def latent_gate(
-    law: StepLaw, token: torch.Tensor, u_gate: torch.Tensor, u_proposal: torch.Tensor,
-    logp_base: torch.Tensor, logp_rl: torch.Tensor, rule: DecodingRule,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(fired, ŷ, score) drawn from their law given the emitted token y ~ m, `[N]` each.
-
-    The step's joint law is P(ŷ = v, no fire, y) = p_prop(v)(1 − G(v))·1[y = v] and P(ŷ = v, fire,
-    y) = p_prop(v)G(v)·q(y), so P(fire | y) = 1 − p_prop(y)(1 − G(y))/m(y) and, given a fire, ŷ ~ p_F
-    independently of y. fired = u_gate < P(fire | y); ŷ = y, or drawn from p_F with u_proposal;
-    for `random` the gate's own uniform is u_gate rescaled into [0, τ) or [τ, 1) accordingly. The
-    score is then the criterion's score at ŷ (the law's `prefix_score` where the score ignores ŷ),
-    so (y, fired, score) has the step loop's joint law.
-    """
-    col = law.column_of(token).unsqueeze(-1)
-    p_fire = 1 - law.kept.gather(-1, col).squeeze(-1) / law.emitted.gather(-1, col).squeeze(-1)
-    u_gate = u_gate.to(torch.float64)
-    fired = u_gate < p_fire
-    y_hat = torch.where(fired, law.token_of(sample_from_probs(law.fired, u_proposal)), token)
-    if rule.criterion == "random":
-        tau = min(max(rule.threshold, 0.0), 1.0)
-        below = tau * u_gate / p_fire.clamp(min=1e-300)
-        above = tau + (1 - tau) * (u_gate - p_fire) / (1 - p_fire).clamp(min=1e-300)
-        u_gate = torch.where(fired, below, above).clamp(0.0, 1.0 - 2.0**-53)
-    if law.prefix_score is not None:  # the score does not depend on ŷ: the law already holds it
-        return fired, y_hat, law.prefix_score
-    score, _ = evaluate_gate(logp_base, logp_rl, y_hat, u_gate, rule)
-    return fired, y_hat, score
-
-
-def verify_drafts(
-    logp_base: torch.Tensor, logp_rl: torch.Tensor, rule: DecodingRule, draft_log_law: torch.Tensor,
-    drafted: torch.Tensor, u_resample: torch.Tensor, u_gate: torch.Tensor, u_proposal: torch.Tensor,
-    draft_is_resampling: bool = False,
-) -> StepOutcome:
-    """One step at N positions whose token was drafted from another law: y ~ m by speculative
-    acceptance of the draft (`speculative_accept`, target the step law m on the draft support,
-    `step_law(..., draft_log_law)`), then the gate's flag and score given y (`latent_gate`).
-    logp_* `[N, V]` (T = 1), draft_log_law `[N, V]`, drafted and the uniforms `[N]`."""
-    law = step_law(logp_base, logp_rl, rule, draft_log_law, draft_is_resampling)
-    token = law.token_of(speculative_accept(law.emitted, law.draft, law.column_of(drafted), u_resample))
-    fired, _, score = latent_gate(law, token, u_gate, u_proposal, logp_base, logp_rl, rule)
-    return StepOutcome(token=token, fired=fired, score=score)
 
 
 def gate_and_resample(

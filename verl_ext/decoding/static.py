@@ -1,6 +1,6 @@
 """Two-model decoding with static KV caches and one fixed-shape step, replayed as a CUDA graph on a GPU.
 
-`TwoModelDecoder` (engine.py) grows a DynamicCache per round, builds masks, and picks the fired rows
+`TwoModelDecoder` (engine.py) grows a DynamicCache per step, builds masks, and picks the fired rows
 with `nonzero`: every token launches hundreds of small kernels from Python and waits on the host,
 so a GPU idles (DESIGN.md §6: 1.4% of the memory roofline). `StaticTwoModelDecoder` decodes the
 same step-by-step law with the same random streams, laid out so that the GPU needs no Python per
@@ -25,7 +25,7 @@ token:
 
 Same tokens as the step loop. Every draw is keyed by (seed, stream id, response position, purpose)
 (`rng.py`) and the sampler is the step loop's, so a request's tokens, flags and scores are those of
-`TwoModelDecoder(draft_len=1)` up to floating-point rounding of the forwards (the static attention
+`TwoModelDecoder` up to floating-point rounding of the forwards (the static attention
 sums over a different number of masked columns): in float32 on a CPU the same tokens, except where
 a uniform falls within rounding of a CDF boundary or a score within rounding of τ.
 
@@ -254,7 +254,7 @@ class StaticStats:
 
 
 class StaticTwoModelDecoder:
-    """Step-by-step two-model decoding (the law and tokens of `TwoModelDecoder(draft_len=1)`) on
+    """Step-by-step two-model decoding (the law and tokens of `TwoModelDecoder`) on
     static KV caches, with a fixed-shape step captured as a CUDA graph on a GPU.
 
     base, rl, rule, eos_token_ids, pad_token_id, max_new_tokens, seed: as `TwoModelDecoder`

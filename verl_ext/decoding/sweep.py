@@ -164,10 +164,15 @@ class ShardWorker:
         common = {"eos_token_ids": eos, "pad_token_id": tok.pad_token_id if tok.pad_token_id is not None else eos[0],
                   "max_new_tokens": max_new_tokens or d.max_new_tokens, "seed": spec.seed,
                   "max_batch_size": d.max_batch_size}
+        rule = rule_for(self.cfg, spec)
         if d.get("static_cache", False):  # the step loop's tokens on static caches (CUDA graphs on a GPU)
-            return StaticTwoModelDecoder(base, rl, rule_for(self.cfg, spec), **common)
-        return TwoModelDecoder(base, rl, rule_for(self.cfg, spec), draft_len=d.draft_len if d.speculative else 1,
-                               draft_model=effective_draft_model(d), **common)
+            return StaticTwoModelDecoder(base, rl, rule, **common)
+        if d.get("speculative", False):  # opt-in: exact, but slower than the step loop on a measured GPU
+            from verl_ext.decoding.experimental import SpeculativeTwoModelDecoder
+
+            rounds = {k: d[k] for k in ("draft_len", "max_draft_len", "draft_model") if k in d}
+            return SpeculativeTwoModelDecoder(base, rl, rule, **rounds, **common)
+        return TwoModelDecoder(base, rl, rule, **common)
 
     def generate(self, spec: RunSpec, start: int, stop: int, n: int, max_new_tokens: int | None = None):
         """[(problem index, sample index, DecodeResult)] for problems[start:stop] × n samples."""
@@ -576,21 +581,22 @@ def _check_model_paths(cfg: DictConfig) -> None:
 def validate(cfg: DictConfig) -> None:
     """Every setting checked before any model is loaded: ConfigError (SweepError) naming the key, the value
     and the valid choices. The data files are read (not the models): a row without a ground truth is refused."""
-    from verl_ext.decoding.engine import DRAFT_MODELS
+    from verl_ext.decoding.experimental import DRAFT_MODELS
     from verl_ext.decoding.sampler import ACTIONS, COUPLINGS, PROPOSERS
 
     d = cfg.decoding
     check_choice(d.action, "decoding.action", ACTIONS)
     check_choice(d.propose_from, "decoding.propose_from", PROPOSERS)
     check_choice(d.coupling, "decoding.coupling", COUPLINGS)
+    check_choice(d.get("speculative", False), "decoding.speculative", (True, False))
+    # the experimental speculative rounds' settings, checked even while speculative=false (a typo is a typo)
     check_choice(d.get("draft_model", "proposer"), "decoding.draft_model", DRAFT_MODELS)
-    check_choice(d.speculative, "decoding.speculative", (True, False))
     check_number(d.temperature, "decoding.temperature", low=0, low_open=True)
     check_number(d.top_p, "decoding.top_p", low=0, high=1, low_open=True)
     check_number(d.max_new_tokens, "decoding.max_new_tokens", low=1, integer=True)
     check_number(d.base_top_k_approximation, "decoding.base_top_k_approximation", low=0, integer=True)
     check_number(d.max_batch_size, "decoding.max_batch_size", low=1, integer=True)
-    if d.draft_len != "auto":
+    if d.get("draft_len", "auto") != "auto":
         try:
             check_number(d.draft_len, "decoding.draft_len", low=1, integer=True)
         except ConfigError:
@@ -635,8 +641,8 @@ SPEED_ONLY_DECODING_KEYS = ("speculative", "draft_len", "max_draft_len", "max_ba
 
 
 def effective_draft_model(decoding) -> str:
-    """The step-by-step loop (speculative=false, or static caches) always drafts with the proposer."""
-    step_loop = decoding.get("static_cache", False) or not decoding.get("speculative", True)
+    """The step-by-step loop (speculative=false, the default, or static caches) drafts with the proposer."""
+    step_loop = decoding.get("static_cache", False) or not decoding.get("speculative", False)
     return "proposer" if step_loop else decoding.get("draft_model", "proposer")
 
 
