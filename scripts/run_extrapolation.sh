@@ -13,4 +13,4 @@ REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 source "$REPO/scripts/_common.sh"
 PY="$(project_python)"
 export TOKENIZERS_PARALLELISM=false
-exec "$PY" -m verl_ext.decoding.sweep --config-path "$(config_dir)" --config-name extrapolation "$@"
+exec "$PY" -m verl_ext.decoding.sweep --config-name extrapolation "$@"

@@ -14,4 +14,4 @@ REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 source "$REPO/scripts/_common.sh"
 PY="$(project_python)"
 export TOKENIZERS_PARALLELISM=false
-exec "$PY" -m verl_ext.decoding.sweep --config-path "$(config_dir)" --config-name token_replacement "$@"
+exec "$PY" -m verl_ext.decoding.sweep --config-name token_replacement "$@"

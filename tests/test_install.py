@@ -26,7 +26,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from verl_ext.paths import COMMAND_CONFIGS, CONFIG_PATH_FROM_CALLER
+from verl_ext.paths import COMMAND_CONFIGS
 
 REPO = Path(__file__).resolve().parents[1]
 PROJECT_FILES = ("setup.py", "pyproject.toml", "README.md", "recipe", "verl_ext", "configs")
@@ -109,8 +109,6 @@ def test_installed_copy_imports_and_finds_its_configs(installed):
 def test_every_command_composes_its_installed_config(installed, module, config_name):
     target, cwd, env = installed
     args = ["--config-name", config_name, "--cfg", "job"]
-    if module in CONFIG_PATH_FROM_CALLER:  # as its script does: --config-path "$(python -m verl_ext.paths)"
-        args = ["--config-path", str(target / "verl_ext" / "configs"), *args]
     proc = subprocess.run([sys.executable, "-c", RUN_COMMAND, module, *args], capture_output=True, text=True,
                           cwd=cwd, env=env, check=False)
     assert proc.returncode == 0, f"python -m {module} {' '.join(args)} failed:\n{proc.stderr[-3000:]}"

@@ -140,3 +140,25 @@ def test_model_answers_some_problems_right_and_some_wrong(assets, tokenizer):
     mixed = ((correct.sum(1) > 0) & (correct.sum(1) < 4)).float().mean().item()
     assert 0.1 < correct.float().mean().item() < 0.9
     assert mixed >= 0.25, f"only {mixed:.0%} of prompt groups have mixed accuracy"
+
+
+def test_stand_in_rl_model_is_theta_plus_noise_times_std_times_a_seeded_normal():
+    """perturbed_model: θ' − θ = noise·std(θ)·ε per tensor, ε ~ N(0, 1) seeded (same seed, same
+    model), the original untouched; noise 0 is the same model."""
+    import torch
+
+    from verl_ext.tiny_assets import perturbed_model
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(64, 64), torch.nn.Linear(64, 1))
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    a, b = perturbed_model(model, 0.2, seed=1), perturbed_model(model, 0.2, seed=1)
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    assert all(torch.equal(v, b.state_dict()[k]) for k, v in a.state_dict().items())
+    assert any(not torch.equal(v, perturbed_model(model, 0.2, seed=2).state_dict()[k]) for k, v in a.state_dict().items())
+    weight = before["0.weight"]
+    eps = (a.state_dict()["0.weight"] - weight) / (0.2 * weight.std())
+    assert abs(eps.mean().item()) < 0.1 and abs(eps.std().item() - 1) < 0.05  # 4096 standard normals
+    bias = before["1.bias"]  # one element: its scale is |θ|
+    assert abs((a.state_dict()["1.bias"] - bias).item()) <= 0.2 * abs(bias.item()) * 5
+    assert all(torch.equal(v, perturbed_model(model, 0.0).state_dict()[k]) for k, v in before.items())

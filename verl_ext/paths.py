@@ -28,9 +28,6 @@ COMMAND_CONFIGS: dict[str, tuple[str, ...]] = {
     "verl_ext.decoding.sweep": ("token_replacement", "extrapolation"),  # scripts/run_{token_replacement,extrapolation}.sh
     "verl_ext.mini.pipeline": ("reproduce_mini",),  # scripts/reproduce_mini.sh
 }
-# Commands whose @hydra.main names no config folder (config_path=None): their scripts pass
-# `--config-path "$(python -m verl_ext.paths)"`, the same folder.
-CONFIG_PATH_FROM_CALLER = ("verl_ext.decoding.sweep",)
 
 
 def source_root() -> Path | None:

@@ -49,6 +49,7 @@ from verl_ext.checks import (
     invalid,
 )
 from verl_ext.decoding.criteria import ABOVE, BELOW, get_criterion
+from verl_ext.paths import config_dir
 from verl_ext.progress import job_size, size_line
 from verl_ext.wandb_logging import start_run, wandb_enabled
 
@@ -78,13 +79,16 @@ def threshold_table(cfg: DictConfig, checked: bool = False) -> dict[str, list[fl
     """criterion -> τ values: `sweep.thresholds` when set (it replaces the defaults as a whole), else
     `sweep.default_thresholds`. (A Hydra dict override merges into a non-null dict, so the table a user
     gives on the command line goes into the null `thresholds` and the defaults live apart.)
-    `checked`: each list non-empty and each τ valid for its criterion (`_check_threshold`)."""
+    A criterion whose list is null is not run. `checked`: each list non-empty and each τ valid for its
+    criterion (`_check_threshold`)."""
     key = "sweep.thresholds"
     table = cfg.sweep.get("thresholds")
     if table is None:
         key, table = "sweep.default_thresholds", cfg.sweep.get("default_thresholds")
     out = {}
     for name, taus in (table or {}).items():
+        if taus is None:  # a criterion set to null is not run (extrapolation.yaml drops the defaults' others)
+            continue
         taus = OmegaConf.to_object(taus) if OmegaConf.is_config(taus) else taus
         taus = taus if isinstance(taus, (list, tuple)) else [taus]
         if checked:
@@ -220,20 +224,6 @@ class ShardWorker:
         return {"scores": scores, "ratio": ratio}
 
 
-def perturbed_copy(model, noise: float, seed: int):
-    """θ_RL = θ_B + noise·std(θ)·ε, ε ~ N(0, I) from `seed`: a deterministic stand-in "RL" model."""
-    import copy
-
-    import torch
-
-    rl = copy.deepcopy(model)
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in rl.parameters():
-            p.add_(noise * p.float().std().to(p.dtype) * torch.randn(p.shape, generator=g).to(p.dtype))
-    return rl
-
-
 def load_models_and_problems(cfg: DictConfig):
     """(base, rl, tokenizer, problems with prompt_ids, eos ids); tiny CPU assets when models.base is null."""
     from transformers import AutoTokenizer
@@ -244,11 +234,11 @@ def load_models_and_problems(cfg: DictConfig):
     m = cfg.models
     files = list(cfg.data.files or [])
     if m.base is None:
-        from verl_ext.tiny_assets import ensure_tiny_assets
+        from verl_ext.tiny_assets import ensure_tiny_assets, perturbed_model
 
         assets = ensure_tiny_assets()
         base = load_hf_model(str(assets.model_dir), m.device, m.dtype)
-        rl = perturbed_copy(base, m.tiny_rl_noise, seed=1) if m.rl is None else load_hf_model(m.rl, m.device, m.dtype)
+        rl = perturbed_model(base, m.tiny_rl_noise) if m.rl is None else load_hf_model(m.rl, m.device, m.dtype)
         tok_path = m.tokenizer or str(assets.tokenizer_dir)
         files = files or [str(assets.val_parquet)]
     else:
@@ -729,7 +719,7 @@ def count_problems(cfg: DictConfig) -> int:
     return len(load_problems(files, cfg.data.max_problems))
 
 
-@hydra.main(version_base=None, config_path=None, config_name=None)
+@hydra.main(version_base=None, config_path=str(config_dir()), config_name=None)
 def main(cfg: DictConfig) -> None:
     with exit_on_config_error(sweep_kind(cfg) if cfg.get("decoding") else "sweep", (ConfigError, ValueError, FileNotFoundError)):
         run(cfg)
