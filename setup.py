@@ -20,7 +20,7 @@ setup(
     # `recipe` is a namespace package (no recipe/__init__.py): our `recipe.dapo_reweight` is one portion
     # of it, next to the `recipe/simple_use_case` that verl's dependency TransferQueue installs.
     # `configs/` stays at the top of the repository and installs as the package data `verl_ext/configs`
-    # (package_dir below), where verl_ext.paths.config_dir() finds it after a non-editable install.
+    # (package_dir below), where verl_ext.core.paths.config_dir() finds it after a non-editable install.
     packages=[
         *find_packages(include=["verl_ext", "verl_ext.*"]),
         *find_namespace_packages(include=["recipe.*"], exclude=["*.__pycache__"]),

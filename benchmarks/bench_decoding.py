@@ -78,12 +78,13 @@ import torch
 from official_vllm_decoding import TOP_LOGPROBS, official_decode  # benchmarks/, beside this script
 from transformers import Qwen2Config, Qwen2ForCausalLM
 
-from verl_ext.decoding import rng
-from verl_ext.decoding.engine import Request, TwoModelDecoder, left_pad, replace_ratio
+from verl_ext.core import rng
+from verl_ext.core.distributions import log_softmax
+from verl_ext.core.sampling import left_pad
+from verl_ext.decoding.engine import Request, TwoModelDecoder, replace_ratio
 from verl_ext.decoding.experimental import SpeculativeTwoModelDecoder, speculative_speed_bound
 from verl_ext.decoding.sampler import DecodingRule, two_stage_step
 from verl_ext.decoding.static import StaticTwoModelDecoder
-from verl_ext.distributions import log_softmax
 
 PRESETS = {  # real models' shapes (random weights): Qwen2.5-1.5B and Qwen2.5-7B
     "1.5b": {"hidden": 1536, "layers": 28, "heads": 12, "kv_heads": 2, "intermediate": 8960, "vocab": 151_936,

@@ -28,11 +28,11 @@ from pathlib import Path
 import torch
 from hydra import compose, initialize_config_dir
 
+from verl_ext.core.distributions import entropy, log_softmax
 from verl_ext.decoding.engine import Request, TwoModelDecoder
 from verl_ext.decoding.experimental import speculative_speed_bound, step_law
 from verl_ext.decoding.sampler import DecodingRule, sampling_log_probs
 from verl_ext.decoding.sweep import load_models_and_problems
-from verl_ext.distributions import entropy, log_softmax
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 

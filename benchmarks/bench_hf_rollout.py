@@ -20,9 +20,9 @@ import time
 
 import torch
 
+from verl_ext.core import rng
+from verl_ext.core.sampling import left_pad
 from verl_ext.cpu.hf_generate import SamplingSpec, generate_batch
-from verl_ext.decoding import rng
-from verl_ext.decoding.engine import left_pad
 
 
 def parse_args():

@@ -18,9 +18,10 @@ import time
 
 import torch
 
+from verl_ext.core.distributions import entropy
+from verl_ext.core.sampling import sample_from_log_probs
 from verl_ext.decoding.experimental import latent_gate, step_law, verify_drafts
-from verl_ext.decoding.sampler import DecodingRule, sample_from_log_probs, sampling_log_probs, speculative_accept
-from verl_ext.distributions import entropy
+from verl_ext.decoding.sampler import DecodingRule, sampling_log_probs, speculative_accept
 
 
 def verify(lb, lr, draft_log_law, drafted, u, rule, on_support: bool):

@@ -100,7 +100,8 @@ def batched_generate_seconds(llm, prompts: list[list[int]], lengths: list[int]) 
 def main() -> None:
     from transformers import AutoTokenizer
 
-    from verl_ext.generation import encode_messages, load_vllm
+    from verl_ext.core.prompts import encode_messages
+    from verl_ext.generation import load_vllm
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", help="π_B directory (default: the tiny assets' model)")

@@ -18,9 +18,9 @@ project_python() {
   echo "$REPO/.venv/bin/python"
 }
 
-# The folder of every command's configs, by the commands' own rule (verl_ext.paths.config_dir: the
+# The folder of every command's configs, by the commands' own rule (verl_ext.core.paths.config_dir: the
 # checkout's configs/, or the installed copy's). Needs $PY.
-config_dir() { "${PY:?}" -m verl_ext.paths; }
+config_dir() { "${PY:?}" -m verl_ext.core.paths; }
 
 require_preset() {
   local presets

@@ -1,4 +1,4 @@
-"""verl_ext.checks: one message shape, every non-finite or out-of-range value refused, exit code 2."""
+"""verl_ext.core.checks: one message shape, every non-finite or out-of-range value refused, exit code 2."""
 
 import math
 import re
@@ -8,7 +8,7 @@ import sys
 import numpy as np
 import pytest
 
-from verl_ext.checks import (
+from verl_ext.core.checks import (
     ConfigError,
     check_choice,
     check_file,
@@ -86,7 +86,7 @@ def test_model_source(tmp_path, monkeypatch):
 
 def test_exit_on_config_error_one_line_exit_2():
     code = (
-        "from verl_ext.checks import exit_on_config_error, check_number\n"
+        "from verl_ext.core.checks import exit_on_config_error, check_number\n"
         "with exit_on_config_error('demo'):\n"
         "    check_number(float('nan'), 'decoding.temperature', low=0, low_open=True)\n"
     )
@@ -113,7 +113,7 @@ def test_exit_on_config_error_one_line_exit_2():
     ],
 )
 def test_sampling_section(section, message):
-    from verl_ext.checks import check_sampling
+    from verl_ext.core.checks import check_sampling
 
     good = {"n": 4, "temperature": 0.0, "top_p": 1.0, "top_k": -1, "max_new_tokens": 8, "batch_size": 2, "seed": 0}
     check_sampling(good, "s", keys=list(good))  # greedy, no nucleus, no top-k: all valid
@@ -123,7 +123,7 @@ def test_sampling_section(section, message):
 
 
 def test_read_jsonl_names_file_and_line(tmp_path):
-    from verl_ext.checks import read_jsonl
+    from verl_ext.core.checks import read_jsonl
 
     path = tmp_path / "p.jsonl"
     path.write_text('{"q": "a"}\n\n{"q": "b"}\n')

@@ -11,10 +11,10 @@ import textwrap
 import pytest
 import torch
 
+from verl_ext.core import rng
+from verl_ext.core.distributions import sampling_log_softmax
 from verl_ext.cpu.hf_generate import SamplingSpec, generate_batch, sampling_spec_from
 from verl_ext.cpu.platform import PlatformCPU, dedupe_backend
-from verl_ext.decoding import rng
-from verl_ext.distributions import sampling_log_softmax
 from verl_ext.tiny_assets import ensure_tiny_assets, prompt_text
 
 

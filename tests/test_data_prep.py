@@ -11,6 +11,7 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import pytest
 
+from verl_ext.core.prompts import PROMPT_SUFFIX
 from verl_ext.data_prep import (
     DataPrepError,
     accepted_answers,
@@ -20,7 +21,6 @@ from verl_ext.data_prep import (
     read_records,
     unwrap_dapo_prompt,
 )
-from verl_ext.generation import PROMPT_SUFFIX
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"

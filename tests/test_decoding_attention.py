@@ -4,8 +4,8 @@ import pytest
 import torch
 from transformers import Qwen2Config, Qwen2ForCausalLM
 
+from verl_ext.core.sampling import left_pad
 from verl_ext.decoding.attention import SDPA_GQA, cpu_grouped_query_attention
-from verl_ext.decoding.engine import left_pad
 
 
 def tiny_gqa_model():

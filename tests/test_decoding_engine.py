@@ -15,7 +15,8 @@ import torch
 from scipy import stats
 from transformers import Qwen2Config, Qwen2ForCausalLM
 
-from verl_ext.decoding import engine, rng
+from verl_ext.core import rng
+from verl_ext.decoding import engine
 from verl_ext.decoding.engine import Request, TwoModelDecoder, compaction_index, replace_ratio
 from verl_ext.decoding.sampler import DecodingRule
 

@@ -12,7 +12,8 @@ import pytest
 import torch
 from scipy import stats
 
-from verl_ext.decoding import rng
+from verl_ext.core import rng
+from verl_ext.core.sampling import sample_from_log_probs
 from verl_ext.decoding.criteria import CRITERIA, GateInputs, can_fire, criterion_score, gate, gate_reads, get_criterion
 from verl_ext.decoding.experimental import latent_gate, step_law, support_columns, verify_drafts
 from verl_ext.decoding.sampler import (
@@ -23,7 +24,6 @@ from verl_ext.decoding.sampler import (
     gate_and_resample,
     gate_reads_proposer_only,
     resample,
-    sample_from_log_probs,
     sampling_log_probs,
     speculative_accept,
     two_stage_step,

@@ -19,8 +19,7 @@ import torch
 from scipy import stats
 from transformers import LlamaConfig, LlamaForCausalLM, Qwen3Config, Qwen3ForCausalLM
 
-from verl_ext import distributions
-from verl_ext.decoding import rng
+from verl_ext.core import distributions, rng
 from verl_ext.decoding import static as static_module
 from verl_ext.decoding.engine import Request, replace_ratio
 from verl_ext.decoding.sampler import DecodingRule, two_stage_step, two_stage_step_all_rows

@@ -277,7 +277,7 @@ def test_bad_criterion_lists_valid_ones(tmp_path):
     ],
 )
 def test_bad_settings_are_refused_before_models_load(tmp_path, config, override, message):
-    from verl_ext.checks import ConfigError
+    from verl_ext.core.checks import ConfigError
 
     out = tmp_path / "bad"
     with pytest.raises(ConfigError) as err:

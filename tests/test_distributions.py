@@ -1,11 +1,11 @@
-"""verl_ext.distributions against plain-Python sums over the vocabulary."""
+"""verl_ext.core.distributions against plain-Python sums over the vocabulary."""
 
 import math
 
 import pytest
 import torch
 
-from verl_ext.distributions import (
+from verl_ext.core.distributions import (
     averaged_kl,
     entropy,
     extrapolated_log_softmax,
@@ -152,7 +152,7 @@ def _processed_reference(z, temperature, top_k, top_p):
     "temperature,top_k,top_p", [(1.0, 0, 1.0), (0.5, 0, 1.0), (1.0, 2, 1.0), (1.0, 0, 0.7), (1.3, 3, 0.6), (0.0, 0, 0.9)]
 )
 def test_sampling_log_softmax_is_top_k_then_nucleus_of_the_tempered_softmax(temperature, top_k, top_p):
-    from verl_ext.distributions import sampling_log_softmax
+    from verl_ext.core.distributions import sampling_log_softmax
 
     z = torch.tensor([[math.log(0.5), math.log(0.3), math.log(0.15), math.log(0.05)], [0.3, -1.0, 2.0, 0.3]])
     got = sampling_log_softmax(z.double(), temperature, top_k, top_p).exp()

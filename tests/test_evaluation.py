@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 
+from verl_ext.core.paths import config_dir
 from verl_ext.evaluation import avg_at_k, mean_avg_at_k, mean_pass_at_k, pass_at_k
 from verl_ext.evaluation.report import ProblemResult, aggregate, markdown_table
 
@@ -230,7 +231,7 @@ def test_grade_logs_to_wandb_in_the_training_project(tmp_path, offline_wandb_run
                                   "show_progress=false", "grader.num_workers=1"]))["table"]
     assert table["toy"]["avg@4"] == pytest.approx((3 / 4 + 0) / 2)  # "3313" has three 3s, "1200" none
     (run,) = started
-    recipe = OmegaConf.load(REPO / "recipe" / "dapo_reweight" / "config" / "dapo_reweight.yaml")
+    recipe = OmegaConf.load(config_dir() / "dapo_reweight.yaml")
     assert (run.project, run.group, run.name, run.job_type) == (
         recipe.trainer.project_name, "eval-test", "evaluate-graded", "eval")
     (run_dir,) = (tmp_path / "wandb").glob("offline-run-*")
@@ -272,13 +273,14 @@ def test_bad_wandb_enable_is_refused_before_grading(tmp_path):
 )
 def test_bad_settings_are_refused_before_any_model_loads(tmp_path, overrides, message, monkeypatch):
     from verl_ext import generation
-    from verl_ext.checks import ConfigError
+    from verl_ext.core import models
+    from verl_ext.core.checks import ConfigError
     from verl_ext.evaluation.command import run
 
     def no_load(*args, **kwargs):
         raise AssertionError("a model was loaded before the settings were checked")
 
-    monkeypatch.setattr(generation, "load_hf_model", no_load)
+    monkeypatch.setattr(models, "load_hf_model", no_load)
     monkeypatch.setattr(generation, "sample_responses", no_load)
     (tmp_path / "m").mkdir()
     data = tmp_path / "d.parquet"
@@ -302,7 +304,7 @@ def test_rows_without_ground_truth_are_refused(tmp_path):
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    from verl_ext.checks import ConfigError
+    from verl_ext.core.checks import ConfigError
     from verl_ext.evaluation.command import EvaluationError, load_problems, read_generations
 
     rows = [{"prompt": [{"role": "user", "content": "1+1"}], "data_source": "x",
@@ -335,7 +337,7 @@ def test_evaluate_sh_without_argument_runs_the_tiny_default(tmp_path):
 
 
 def test_size_and_eta_lines():
-    from verl_ext.progress import eta_line, eta_seconds, format_duration, job_size, size_line
+    from verl_ext.core.progress import eta_line, eta_seconds, format_duration, job_size, size_line
 
     assert job_size(186, 32, 8192) == (186 * 32, 186 * 32 * 8192)
     assert size_line(186, 32, 8192) == (

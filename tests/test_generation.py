@@ -5,17 +5,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from verl_ext.decoding.engine import left_pad
-from verl_ext.generation import (
-    PROMPT_SUFFIX,
-    Generation,
-    cut_at_eos,
-    encode_problem,
-    format_problem,
-    problem_to_messages,
-    resolve_backend,
-    sample_responses,
-)
+from verl_ext.core.models import cut_at_eos
+from verl_ext.core.prompts import PROMPT_SUFFIX, encode_problem, format_problem, problem_to_messages
+from verl_ext.core.sampling import left_pad
+from verl_ext.generation import Generation, resolve_backend, sample_responses
 
 torch.set_num_threads(1)  # tiny matrices: threads only add contention on a shared CPU
 

@@ -8,7 +8,7 @@ removed from sys.meta_path) and checks:
 - `recipe.dapo_reweight.main` imports from the installed copy, and `recipe` is a namespace
   package: TransferQueue (a dependency of verl 0.9.1) installs `recipe/simple_use_case`, which
   stays importable next to ours;
-- `verl_ext.paths.config_dir()` is the installed package data, holding every config of
+- `verl_ext.core.paths.config_dir()` is the installed package data, holding every config of
   `COMMAND_CONFIGS` and the presets;
 - every command composes its config from there: `python -m <command> --cfg job` (hydra prints the
   composed config and runs nothing), as the scripts call it.
@@ -26,7 +26,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from verl_ext.paths import COMMAND_CONFIGS
+from verl_ext.core.paths import COMMAND_CONFIGS
 
 REPO = Path(__file__).resolve().parents[1]
 PROJECT_FILES = ("setup.py", "pyproject.toml", "README.md", "recipe", "verl_ext", "configs")
@@ -38,7 +38,7 @@ sys.meta_path[:] = [f for f in sys.meta_path if not getattr(f, "__module__", "")
 import recipe
 import recipe.dapo_reweight.main as main
 import verl_ext
-from verl_ext.paths import COMMAND_CONFIGS, config_dir, available_presets
+from verl_ext.core.paths import COMMAND_CONFIGS, config_dir, available_presets
 other = importlib.util.find_spec("recipe.simple_use_case")
 demo = importlib.util.find_spec("recipe.simple_use_case.relax_demo") if other else None
 print(json.dumps({

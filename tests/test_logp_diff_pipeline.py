@@ -308,7 +308,7 @@ def test_config_errors_name_valid_choices(assets, tmp_path):
     ],
 )
 def test_bad_settings_are_refused_before_models_load(assets, tmp_path, override, message, monkeypatch):
-    from verl_ext.checks import ConfigError
+    from verl_ext.core.checks import ConfigError
 
     def no_load(*args, **kwargs):
         raise AssertionError("a model or tokenizer was loaded before the settings were checked")
@@ -330,7 +330,7 @@ def test_bad_settings_are_refused_before_models_load(assets, tmp_path, override,
     ],
 )
 def test_bad_prompt_files_name_file_and_line(assets, tmp_path, content, message):
-    from verl_ext.checks import ConfigError
+    from verl_ext.core.checks import ConfigError
 
     path = tmp_path / "prompts.jsonl"
     path.write_text(content)

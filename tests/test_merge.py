@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 from omegaconf import OmegaConf
 
-from verl_ext.checks import ConfigError
+from verl_ext.core.checks import ConfigError
 from verl_ext.merge import is_run_dir, merge_checkpoint, resolve_config_paths, resolve_model_path, step_dir
 
 

@@ -16,7 +16,7 @@ from verl.utils.config import omega_conf_to_dataclass
 from verl.workers.config import PolicyLossConfig
 from verl.workers.utils.losses import ppo_loss
 
-from verl_ext.paths import config_dir
+from verl_ext.core.paths import config_dir
 from verl_ext.policy_loss import ReweightPolicyLossConfig, reweight_metrics
 from verl_ext.weighting import WeightingSpec
 

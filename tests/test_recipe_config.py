@@ -10,7 +10,7 @@ import pytest
 from hydra import compose, initialize_config_dir
 
 from recipe.dapo_reweight.main import available_presets, prepare_config
-from verl_ext.paths import config_dir
+from verl_ext.core.paths import config_dir
 
 REPO = Path(__file__).resolve().parents[1]
 SEARCHPATH = "hydra.searchpath=[pkg://verl.trainer.config]"
@@ -105,7 +105,7 @@ def test_missing_model_or_data_and_rows_without_ground_truth_are_named(tmp_path)
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    from verl_ext.checks import ConfigError, check_model_source
+    from verl_ext.core.checks import ConfigError, check_model_source
     from verl_ext.training_checks import check_data_files
 
     with pytest.raises(ConfigError, match=r"actor_rollout_ref.model.path='/no/such/model': no such model"):

@@ -11,8 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from verl_ext.atomic_io import atomic_write_bytes
-from verl_ext.paths import config_dir
+from verl_ext.core.atomic_io import atomic_write_bytes
+from verl_ext.core.paths import config_dir
 from verl_ext.run_dir import (
     RUN_FILE,
     decide,

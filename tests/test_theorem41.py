@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 
-from verl_ext.distributions import extrapolated_log_softmax
+from verl_ext.core.distributions import extrapolated_log_softmax
 
 
 def train_npg(theta0, reward, eta, steps):

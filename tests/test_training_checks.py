@@ -15,8 +15,8 @@ import pyarrow.parquet as pq
 import pytest
 from hydra import compose, initialize_config_dir
 
-from verl_ext.checks import ConfigError
-from verl_ext.paths import config_dir
+from verl_ext.core.checks import ConfigError
+from verl_ext.core.paths import config_dir
 from verl_ext.training_checks import (
     chat_prompt_lengths,
     check_data_files,

@@ -12,7 +12,8 @@ import pytest
 import torch
 
 from verl_ext import vllm_cpu
-from verl_ext.generation import encode_messages, load_vllm, sample_responses
+from verl_ext.core.prompts import encode_messages
+from verl_ext.generation import load_vllm, sample_responses
 from verl_ext.tiny_assets import ensure_tiny_assets, prompt_text
 
 if not vllm_cpu.vllm_importable() and os.environ.get("VLLM_CPU") == "0":

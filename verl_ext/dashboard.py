@@ -14,7 +14,7 @@ from __future__ import annotations
 import argparse
 import os
 
-from verl_ext.checks import ConfigError, exit_on_config_error
+from verl_ext.core.checks import ConfigError, exit_on_config_error
 
 # (section, [(panel title, metric keys, metric regex or None)]) — keys as verl and our hook log them.
 DASHBOARD_SECTIONS: list[tuple[str, list[tuple[str, list[str], str | None]]]] = [

@@ -32,10 +32,10 @@ from typing import Any
 
 import hydra
 
-from verl_ext.atomic_io import atomic_write_bytes
-from verl_ext.checks import ConfigError, check_choice, check_writable_dir, exit_on_config_error
-from verl_ext.generation import PROMPT_SUFFIX, format_problem
-from verl_ext.paths import config_dir
+from verl_ext.core.atomic_io import atomic_write_bytes
+from verl_ext.core.checks import ConfigError, check_choice, check_writable_dir, exit_on_config_error
+from verl_ext.core.paths import config_dir
+from verl_ext.core.prompts import PROMPT_SUFFIX, format_problem
 
 # the default datasets' folder, next to the checkout (issue 20 item 4: still a default outside the repository)
 SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"

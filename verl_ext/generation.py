@@ -20,7 +20,8 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
-PROMPT_SUFFIX = "Please reason step by step, and put your final answer within \\boxed{}."
+from verl_ext.core.models import cut_at_eos, eos_token_ids, load_hf_model, resolve_device
+
 BACKENDS = ("hf", "vllm", "auto")
 
 
@@ -39,51 +40,13 @@ class Generation:
     response_log_probs: list[float] | None = None
 
 
-# ----------------------------------------------------------------------------- prompts
-
-
-def format_problem(problem: str, suffix: str = PROMPT_SUFFIX) -> str:
-    """User message: the problem, a newline, the instruction suffix."""
-    if not isinstance(problem, str) or not problem.strip():
-        raise ValueError(f"problem must be a non-empty string, got {problem!r}")
-    return f"{problem.strip()}\n{suffix}" if suffix else problem.strip()
-
-
-def problem_to_messages(problem: str, suffix: str = PROMPT_SUFFIX) -> list[dict[str, str]]:
-    """Chat messages for a problem: one user turn (`format_problem`)."""
-    return [{"role": "user", "content": format_problem(problem, suffix)}]
-
-
-def encode_messages(tokenizer, messages: list[dict[str, str]], use_chat_template: bool = True) -> list[int]:
-    """Token ids of `messages` in the tokenizer's chat template with the assistant turn opened.
-
-    `use_chat_template=False`: the user turns' text joined by newlines, without special tokens
-    (for base models without a template).
-    """
-    if use_chat_template:
-        if not getattr(tokenizer, "chat_template", None):
-            raise ValueError(
-                f"tokenizer {getattr(tokenizer, 'name_or_path', tokenizer)!r} has no chat template: "
-                "give one or encode without it (use_chat_template=False)"
-            )
-        text = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
-    else:
-        text = "\n".join(m["content"] for m in messages)
-    return list(tokenizer(text, add_special_tokens=False)["input_ids"])
-
-
-def encode_problem(tokenizer, problem: str, suffix: str = PROMPT_SUFFIX, use_chat_template: bool = True) -> list[int]:
-    """`encode_messages(problem_to_messages(problem, suffix))`."""
-    return encode_messages(tokenizer, problem_to_messages(problem, suffix), use_chat_template)
-
-
 # ----------------------------------------------------------------------------- validation
 
 
 def check_sampling_args(n: int, temperature: float, top_p: float, top_k: int, max_new_tokens: int, batch_size: int) -> None:
     """Raise ConfigError (a ValueError) naming the first invalid argument, its value and the valid range
-    (`verl_ext.checks.check_sampling`: NaN and infinities are refused too)."""
-    from verl_ext.checks import check_sampling
+    (`verl_ext.core.checks.check_sampling`: NaN and infinities are refused too)."""
+    from verl_ext.core.checks import check_sampling
 
     check_sampling({"n": n, "temperature": temperature, "top_p": top_p, "top_k": top_k,
                     "max_new_tokens": max_new_tokens, "batch_size": batch_size}, "sampling")
@@ -144,61 +107,17 @@ def sample_responses(
     return _sample_hf(model, tokenizer, prompts, n, batch_size=batch_size, device=device, show_progress=show_progress, **args)
 
 
-def _resolve_device(device):
-    import torch
-
-    if device is not None:
-        return torch.device(device)
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-
-
-def load_hf_model(path: str, device=None, dtype: str | None = None):
-    """A transformers causal LM in eval mode: bfloat16 on GPU, float32 on CPU unless `dtype` says otherwise."""
-    import torch
-    from transformers import AutoModelForCausalLM
-
-    device = _resolve_device(device)
-    torch_dtype = getattr(torch, dtype) if dtype else (torch.bfloat16 if device.type == "cuda" else torch.float32)
-    model = AutoModelForCausalLM.from_pretrained(str(path), dtype=torch_dtype)
-    return model.to(device).eval()
-
-
-def eos_token_ids(model, tokenizer) -> list[int]:
-    """End-of-sequence ids: the tokenizer's plus the model's generation config's (int or list)."""
-    ids: list[int] = []
-    candidates = [getattr(tokenizer, "eos_token_id", None)]
-    gen_config = getattr(model, "generation_config", None)
-    if gen_config is not None:
-        candidates.append(gen_config.eos_token_id)
-    for c in candidates:
-        for i in c if isinstance(c, (list, tuple)) else [c]:
-            if i is not None and int(i) not in ids:
-                ids.append(int(i))
-    if not ids:
-        raise ValueError("neither the tokenizer nor the model's generation config defines an eos token id")
-    return ids
-
-
-def cut_at_eos(ids: list[int], eos_ids: list[int]) -> tuple[list[int], str]:
-    """Keep tokens up to and including the first eos: (ids, "stop"), else (ids, "length")."""
-    eos = set(eos_ids)
-    for i, tok in enumerate(ids):
-        if tok in eos:
-            return ids[: i + 1], "stop"
-    return ids, "length"
-
-
 def _sample_hf(model, tokenizer, prompts, n, *, temperature, top_p, top_k, max_new_tokens, seed, batch_size, device,
                show_progress):
     import torch
     from transformers import GenerationConfig
 
-    from verl_ext.decoding.engine import left_pad
+    from verl_ext.core.sampling import left_pad
 
     if isinstance(model, (str, os.PathLike)):
         model = load_hf_model(model, device)
     elif device is not None:
-        model = model.to(_resolve_device(device))
+        model = model.to(resolve_device(device))
     model.eval()
     run_device = next(model.parameters()).device
     eos_ids = eos_token_ids(model, tokenizer)
@@ -244,7 +163,7 @@ def _sample_hf(model, tokenizer, prompts, n, *, temperature, top_p, top_k, max_n
         if progress is not None:
             progress.update(len(batch))
             if b == 0 and len(batches) > 1:
-                from verl_ext.progress import eta_line
+                from verl_ext.core.progress import eta_line
 
                 progress.write(f"[sampling] {eta_line(len(batch), len(jobs), time.monotonic() - started)}")
     if progress is not None:

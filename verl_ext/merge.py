@@ -23,8 +23,8 @@ import subprocess
 import sys
 from pathlib import Path
 
-from verl_ext.atomic_io import current_umask
-from verl_ext.checks import ConfigError, exit_on_config_error
+from verl_ext.core.atomic_io import current_umask
+from verl_ext.core.checks import ConfigError, exit_on_config_error
 
 MERGED = "merged_hf"
 TRACKER = "latest_checkpointed_iteration.txt"

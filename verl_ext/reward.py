@@ -515,7 +515,7 @@ def grade_answer(pred: str | None, ground_truth, timeout_s: float = DEFAULT_TIME
     worker (about 2 s, once per process and after each kill). A `timeout_s` that is not a finite
     number > 0 is a configuration error (ConfigError naming it), not a wrong answer.
     """
-    from verl_ext.checks import check_number
+    from verl_ext.core.checks import check_number
 
     check_number(timeout_s, "reward timeout_s", low=0, low_open=True)
     try:
@@ -533,7 +533,7 @@ def grade_answer(pred: str | None, ground_truth, timeout_s: float = DEFAULT_TIME
 def is_correct(response: str, ground_truth, timeout_s: float = DEFAULT_TIMEOUT_S) -> bool:
     """Does `response`'s final answer (`extract_answer`) match `ground_truth` (see `grade_answer`)? Raises only
     for a bad `timeout_s` (ConfigError), never for an answer."""
-    from verl_ext.checks import ConfigError
+    from verl_ext.core.checks import ConfigError
 
     try:
         return grade_answer(extract_answer(response), ground_truth, timeout_s)

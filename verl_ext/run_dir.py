@@ -34,8 +34,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from verl_ext.atomic_io import atomic_write_bytes
-from verl_ext.checks import ConfigError, check_choice
+from verl_ext.core.atomic_io import atomic_write_bytes
+from verl_ext.core.checks import ConfigError, check_choice
 
 RUN_FILE = "run.json"
 FORMAT = 1

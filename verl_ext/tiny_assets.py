@@ -27,7 +27,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
-from verl_ext.atomic_io import current_umask
+from verl_ext.core.atomic_io import current_umask
 
 # Bump when anything that changes the built files changes: outdated folders are rebuilt.
 ASSET_VERSION = 3

@@ -1,7 +1,7 @@
 """Every training setting and input that would fail later inside Ray, or train on garbage, checked on the driver.
 
 `recipe.dapo_reweight.main` calls `check_training_config` while the config is built and
-`check_training_inputs` before Ray starts. Each raises `verl_ext.checks.ConfigError` with one line
+`check_training_inputs` before Ray starts. Each raises `verl_ext.core.checks.ConfigError` with one line
 naming the key, the bad value and what is valid (`actor_rollout_ref.rollout.top_p=1.5 is invalid;
 valid: a number in (0, 1]`), so a bad run ends in seconds instead of a minute later with a message
 from deep inside a worker (verl's replay buffer, vLLM's sampling params, an assert in the loss).
@@ -31,13 +31,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from verl_ext.checks import (
-    ConfigError,
-    check_model_source,
-    check_number,
-    check_writable_dir,
-    is_remote,
-)
+from verl_ext.core.checks import ConfigError, check_model_source, check_number, check_writable_dir, is_remote
 
 ROLLOUT = "actor_rollout_ref.rollout"
 ACTOR = "actor_rollout_ref.actor"

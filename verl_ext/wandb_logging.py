@@ -26,7 +26,7 @@ from typing import Any
 
 from omegaconf import OmegaConf
 
-from verl_ext.paths import config_dir
+from verl_ext.core.paths import config_dir
 
 ENABLE_CHOICES = ("auto", "true", "false")
 TRAINING_CONFIG = config_dir() / "dapo_reweight.yaml"

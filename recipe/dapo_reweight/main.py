@@ -3,7 +3,7 @@
     python -m recipe.dapo_reweight.main +preset=qwen2.5-math-7b \
         actor_rollout_ref.actor.policy_loss.weighting=lowprob actor_rollout_ref.actor.policy_loss.alpha=0.2
 
-The config (`configs/dapo_reweight.yaml`, found like every command's: `verl_ext.paths.config_dir()`)
+The config (`configs/dapo_reweight.yaml`, found like every command's: `verl_ext.core.paths.config_dir()`)
 composes verl's own `ppo_trainer` config with the DAPO settings; presets live next to it in
 `configs/preset/`. `dry_run=true` composes and
 validates everything, prints the config and exits without starting Ray.
@@ -24,8 +24,8 @@ import hydra
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from verl_ext import run_log
-from verl_ext.checks import REMOTE_PREFIXES, ConfigError, exit_on_config_error
-from verl_ext.paths import available_presets, config_dir, output_root, source_root
+from verl_ext.core.checks import REMOTE_PREFIXES, ConfigError, exit_on_config_error
+from verl_ext.core.paths import available_presets, config_dir, output_root, source_root
 from verl_ext.run_dir import Decision, plan_launch, start_launch
 
 PROG = "dapo_reweight"
@@ -38,7 +38,7 @@ __all__ = ["available_presets", "main", "prepare_config", "run"]
 
 def _register_resolvers() -> None:
     """`${repo_dir:}`: this repository's root, so default run folders do not depend on the cwd (an
-    installed copy: the working directory, `verl_ext.paths.output_root`)."""
+    installed copy: the working directory, `verl_ext.core.paths.output_root`)."""
     if not OmegaConf.has_resolver("repo_dir"):
         OmegaConf.register_new_resolver("repo_dir", lambda: str(output_root()))
 

@@ -45,8 +45,8 @@ import pyarrow.parquet as pq
 from omegaconf import DictConfig, OmegaConf
 
 from verl_ext.analysis.token_metrics import METRICS
-from verl_ext.atomic_io import atomic_write_bytes
-from verl_ext.checks import (
+from verl_ext.core.atomic_io import atomic_write_bytes
+from verl_ext.core.checks import (
     ConfigError,
     check_choice,
     check_file,
@@ -59,8 +59,8 @@ from verl_ext.checks import (
     invalid,
     read_jsonl,
 )
-from verl_ext.paths import config_dir
-from verl_ext.progress import size_line
+from verl_ext.core.paths import config_dir
+from verl_ext.core.progress import size_line
 from verl_ext.wandb_logging import start_run, wandb_enabled
 
 GENERATION_COLUMNS = ("generator", "prompt_index", "sample_index", "response_id", "prompt_ids", "response_ids")
@@ -238,7 +238,7 @@ def read_prompt_rows(path: str | Path, key: str) -> list[Any]:
 
 def encode_prompt(tokenizer, prompt: Any, use_chat_template: bool, suffix: str | None) -> list[int]:
     """Token ids of a prompt: chat messages as given, or a string problem with `suffix` appended."""
-    from verl_ext.generation import PROMPT_SUFFIX, encode_messages, encode_problem
+    from verl_ext.core.prompts import PROMPT_SUFFIX, encode_messages, encode_problem
 
     if isinstance(prompt, str):
         return encode_problem(tokenizer, prompt, PROMPT_SUFFIX if suffix is None else suffix, use_chat_template)
@@ -304,7 +304,7 @@ class AnalysisWorker:
 
     def model(self, which: str):
         """The transformers model `base` or `rl` on this worker's device."""
-        from verl_ext.generation import load_hf_model
+        from verl_ext.core.models import load_hf_model
 
         if which not in ("base", "rl"):
             raise ValueError(f"generator {which!r} is not a model this command holds; valid choices: base, rl")

@@ -22,7 +22,7 @@ import numpy as np
 import pandas as pd
 
 from verl_ext.analysis.report import METRIC_LABELS
-from verl_ext.atomic_io import atomic_write_bytes
+from verl_ext.core.atomic_io import atomic_write_bytes
 
 HISTOGRAM_PANELS = ("delta_logp", "entropy_base", "entropy_rl", "kl_rl_base", "kl_base_rl", "kl_avg")
 GENERATOR_COLOURS = {"base": "tab:blue", "rl": "tab:red"}

@@ -16,7 +16,7 @@ import numpy as np
 import pandas as pd
 
 from verl_ext.analysis.token_metrics import METRICS
-from verl_ext.atomic_io import atomic_write_bytes
+from verl_ext.core.atomic_io import atomic_write_bytes
 
 METRIC_LABELS = {
     "logp_base": r"log $\pi_B(y_t)$",

@@ -28,7 +28,7 @@ from dataclasses import dataclass
 
 import torch
 
-from verl_ext.distributions import entropy, kl_divergence, log_softmax
+from verl_ext.core.distributions import entropy, kl_divergence, log_softmax
 
 METRICS = (
     "logp_base",
@@ -84,7 +84,7 @@ def metrics_from_log_probs(
 ) -> dict[str, torch.Tensor]:
     """All METRICS for [n, V] log-probabilities of π_B and π_RL and realised tokens [n].
 
-    Uses `verl_ext.distributions` term by term (0·log 0 := 0, KL = +inf where π_a > 0 = π_b),
+    Uses `verl_ext.core.distributions` term by term (0·log 0 := 0, KL = +inf where π_a > 0 = π_b),
     so it is exact also for distributions with zero-probability tokens. Δlog p = log π_RL(y_t)
     − log π_B(y_t); H, KL and ½[KL(π_B‖π_RL) + KL(π_RL‖π_B)] as in the module docstring.
     """

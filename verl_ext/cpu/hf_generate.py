@@ -8,7 +8,7 @@ Each sampled token comes with its log-prob under the distribution it was drawn f
 
     log π_s(y) = log nucleus_p( top_k( softmax(z / T) ) )_y
 
-Randomness: row i's t-th token is the inverse-CDF draw at u(key_i, t) (`verl_ext.decoding.rng`),
+Randomness: row i's t-th token is the inverse-CDF draw at u(key_i, t) (`verl_ext.core.rng`),
 so a row draws the same tokens in whatever batch, order or chunk it runs.
 """
 
@@ -19,10 +19,9 @@ from dataclasses import dataclass, field
 
 import torch
 
-from verl_ext.decoding import rng
-from verl_ext.decoding.engine import left_pad
-from verl_ext.decoding.sampler import sample_from_log_probs
-from verl_ext.distributions import sampling_log_softmax
+from verl_ext.core import rng
+from verl_ext.core.distributions import sampling_log_softmax
+from verl_ext.core.sampling import left_pad, sample_from_log_probs
 
 # Sampling keys the server accepts only at their no-op value.
 _NEUTRAL_PARAMS = {"repetition_penalty": 1.0, "presence_penalty": 0.0, "frequency_penalty": 0.0, "min_p": 0.0, "n": 1}

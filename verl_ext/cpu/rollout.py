@@ -39,9 +39,9 @@ from verl.workers.config import HFModelConfig, RolloutConfig
 from verl.workers.rollout.base import BaseRollout
 from verl.workers.rollout.replica import RolloutMode, RolloutReplica, TokenOutput
 
+from verl_ext.core import rng
+from verl_ext.core.models import eos_token_ids
 from verl_ext.cpu.hf_generate import generate_batch, sampling_spec_from
-from verl_ext.decoding import rng
-from verl_ext.generation import eos_token_ids
 
 logger = logging.getLogger(__name__)
 

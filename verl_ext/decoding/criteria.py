@@ -33,7 +33,7 @@ from dataclasses import dataclass
 
 import torch
 
-from verl_ext.distributions import averaged_kl, entropy, kl_divergence
+from verl_ext.core.distributions import averaged_kl, entropy, kl_divergence
 
 ABOVE, BELOW, NEVER, ALWAYS = "above", "below", "never", "always"
 

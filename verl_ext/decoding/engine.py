@@ -37,7 +37,9 @@ import torch
 import torch.nn.functional as F
 from transformers import DynamicCache
 
-from verl_ext.decoding import rng
+from verl_ext.core import rng
+from verl_ext.core.distributions import log_softmax
+from verl_ext.core.sampling import left_pad
 from verl_ext.decoding.attention import cpu_grouped_query_attention
 from verl_ext.decoding.criteria import can_fire
 from verl_ext.decoding.sampler import (
@@ -49,7 +51,6 @@ from verl_ext.decoding.sampler import (
     propose,
     resample,
 )
-from verl_ext.distributions import log_softmax
 
 
 @dataclass(frozen=True)
@@ -125,22 +126,6 @@ def _cat_caches(a: DynamicCache, b: DynamicCache) -> DynamicCache:
     for la, lb in zip(a.layers, b.layers):
         la.keys, la.values = torch.cat([la.keys, lb.keys]), torch.cat([la.values, lb.values])
     return a
-
-
-def left_pad(prompts: Sequence[Sequence[int]], pad_token_id: int, min_width: int = 0, allow_empty: bool = False):
-    """[B, L] input ids and attention mask, prompts right-aligned; L = max(longest prompt, min_width).
-    Empty prompts raise unless `allow_empty` (the engine pads prompt contexts, possibly empty)."""
-    width = max(min_width, *(len(p) for p in prompts))
-    ids = torch.full((len(prompts), width), pad_token_id, dtype=torch.long)
-    mask = torch.zeros((len(prompts), width), dtype=torch.long)
-    for row, prompt in enumerate(prompts):
-        if len(prompt) == 0:
-            if allow_empty:
-                continue
-            raise ValueError(f"prompt {row} is empty: every request needs at least one prompt token")
-        ids[row, width - len(prompt) :] = torch.tensor(list(prompt), dtype=torch.long)
-        mask[row, width - len(prompt) :] = 1
-    return ids, mask
 
 
 def left_pad_cache(cache: DynamicCache, mask: torch.Tensor, width: int) -> tuple[DynamicCache, torch.Tensor]:

@@ -71,7 +71,9 @@ from dataclasses import dataclass
 
 import torch
 
-from verl_ext.decoding import rng
+from verl_ext.core import rng
+from verl_ext.core.distributions import log_softmax
+from verl_ext.core.sampling import sample_from_log_probs, sample_from_probs
 from verl_ext.decoding.criteria import get_criterion
 from verl_ext.decoding.engine import EngineStats, TwoModelDecoder, _Batch
 from verl_ext.decoding.sampler import (
@@ -85,12 +87,9 @@ from verl_ext.decoding.sampler import (
     resample,
     resampling_log_probs,
     resampling_probs,
-    sample_from_log_probs,
-    sample_from_probs,
     sampling_log_probs,
     speculative_accept,
 )
-from verl_ext.distributions import log_softmax
 
 DRAFT_MODELS = ("proposer", "scorer")
 # Positions whose step law (several [rows, V] float64 tensors) a scorer-drafted round builds at once.

@@ -36,8 +36,9 @@ from dataclasses import dataclass
 
 import torch
 
+from verl_ext.core.distributions import extrapolated_log_softmax, log_softmax, top_p_log_softmax
+from verl_ext.core.sampling import sample_from_log_probs, sample_from_probs
 from verl_ext.decoding.criteria import GateInputs, can_fire, criterion_score, gate, gate_reads, get_criterion
-from verl_ext.distributions import extrapolated_log_softmax, log_softmax, top_p_log_softmax
 
 ACTIONS = ("replace", "extrapolate")
 PROPOSERS = ("base", "rl")
@@ -95,25 +96,6 @@ class DecodingRule:
 def sampling_log_probs(logp: torch.Tensor, temperature: float, top_p: float) -> torch.Tensor:
     """log nucleus_top_p(softmax(log π / T)): the distribution a token is actually drawn from."""
     return top_p_log_softmax(log_softmax(logp, temperature), top_p)
-
-
-def sample_from_probs(p: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
-    """Inverse CDF: the first v with F(v) = Σ_{w≤v} p(w) > u·F(V−1); never a zero-mass token.
-
-    p `[..., V]` ≥ 0 (unnormalised is fine), u `[...]` in [0, 1); returns int64 `[...]`. Sums run
-    in float64.
-    """
-    p = p.to(torch.float64)
-    cdf = torch.cumsum(p, dim=-1)
-    target = (u.to(torch.float64) * cdf[..., -1]).unsqueeze(-1)
-    idx = torch.searchsorted(cdf.contiguous(), target.contiguous(), right=True).squeeze(-1)
-    last_positive = p.shape[-1] - 1 - torch.argmax(torch.flip(p > 0, dims=[-1]).to(torch.uint8), dim=-1)
-    return torch.minimum(idx, last_positive)
-
-
-def sample_from_log_probs(logp: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
-    """`sample_from_probs` of π = exp(logp)."""
-    return sample_from_probs(logp.to(torch.float64).exp(), u)
 
 
 def propose(logp_proposer: torch.Tensor, u: torch.Tensor, rule: DecodingRule) -> torch.Tensor:

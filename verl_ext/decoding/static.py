@@ -44,7 +44,8 @@ import torch
 import torch.nn.functional as F
 from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
-from verl_ext.decoding import rng
+from verl_ext.core import rng
+from verl_ext.core.distributions import log_softmax
 from verl_ext.decoding.criteria import can_fire
 from verl_ext.decoding.engine import DecodeResult, Request
 from verl_ext.decoding.sampler import (
@@ -57,7 +58,6 @@ from verl_ext.decoding.sampler import (
     two_stage_step,
     two_stage_step_all_rows,
 )
-from verl_ext.distributions import log_softmax
 
 SUPPORTED_MODEL_TYPES = frozenset({"qwen2", "qwen3", "llama", "mistral"})
 WIDTH_QUANTUM = 128  # on a GPU, attention widths are rounded up to powers of two times this

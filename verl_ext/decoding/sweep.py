@@ -36,8 +36,8 @@ from pathlib import Path
 import hydra
 from omegaconf import DictConfig, OmegaConf
 
-from verl_ext.atomic_io import atomic_write_bytes
-from verl_ext.checks import (
+from verl_ext.core.atomic_io import atomic_write_bytes
+from verl_ext.core.checks import (
     ConfigError,
     check_choice,
     check_file,
@@ -48,9 +48,9 @@ from verl_ext.checks import (
     exit_on_config_error,
     invalid,
 )
+from verl_ext.core.paths import config_dir
+from verl_ext.core.progress import job_size, size_line
 from verl_ext.decoding.criteria import ABOVE, BELOW, get_criterion
-from verl_ext.paths import config_dir
-from verl_ext.progress import job_size, size_line
 from verl_ext.wandb_logging import start_run, wandb_enabled
 
 BASELINES = (("none", 0.0), ("all", 0.0))  # π_B alone (ratio 0) and π_RL / π_Extra alone (ratio 1)
@@ -228,8 +228,9 @@ def load_models_and_problems(cfg: DictConfig):
     """(base, rl, tokenizer, problems with prompt_ids, eos ids); tiny CPU assets when models.base is null."""
     from transformers import AutoTokenizer
 
+    from verl_ext.core.models import eos_token_ids, load_hf_model
+    from verl_ext.core.prompts import encode_messages
     from verl_ext.evaluation.command import load_problems
-    from verl_ext.generation import encode_messages, eos_token_ids, load_hf_model
 
     m = cfg.models
     files = list(cfg.data.files or [])

@@ -1,4 +1,4 @@
-"""`python -m verl_ext.evaluation [overrides]` (config: `evaluate.yaml` of `verl_ext.paths.config_dir()`)."""
+"""`python -m verl_ext.evaluation [overrides]` (config: `evaluate.yaml` of `verl_ext.core.paths.config_dir()`)."""
 
 from verl_ext.evaluation.command import main
 

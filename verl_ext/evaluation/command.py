@@ -18,7 +18,7 @@ from pathlib import Path
 import hydra
 from omegaconf import DictConfig, OmegaConf
 
-from verl_ext.checks import (
+from verl_ext.core.checks import (
     ConfigError,
     check_choice,
     check_file,
@@ -30,6 +30,7 @@ from verl_ext.checks import (
     exit_on_config_error,
     read_jsonl,
 )
+from verl_ext.core.paths import config_dir
 from verl_ext.evaluation.report import (
     aggregate,
     grade_records,
@@ -39,7 +40,6 @@ from verl_ext.evaluation.report import (
     write_jsonl,
     write_results,
 )
-from verl_ext.paths import config_dir
 from verl_ext.wandb_logging import start_run, wandb_enabled
 
 MODES = ("auto", "grade", "generate")
@@ -207,8 +207,10 @@ def generate_records(cfg: DictConfig) -> list[dict]:
     """Sample `sampling.n` responses per problem of `data.files` with `model.path`: generation records."""
     from transformers import AutoTokenizer
 
-    from verl_ext.generation import encode_messages, load_hf_model, resolve_backend, sample_responses
-    from verl_ext.progress import size_line
+    from verl_ext.core.models import load_hf_model
+    from verl_ext.core.progress import size_line
+    from verl_ext.core.prompts import encode_messages
+    from verl_ext.generation import resolve_backend, sample_responses
 
     if not cfg.model.path:
         raise EvaluationError("model.path is not set (or pass generations=<file> to grade existing generations)")

@@ -13,7 +13,7 @@ from collections import defaultdict
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from verl_ext.atomic_io import atomic_write_bytes
+from verl_ext.core.atomic_io import atomic_write_bytes
 from verl_ext.evaluation.metrics import avg_at_k, pass_at_k
 
 

@@ -38,7 +38,8 @@ class SFTTrace:
 
 def sampled_accuracy(model, tokenizer, problems, n: int, max_new_tokens: int, seed: int) -> float:
     """Mean correctness of `n` samples per problem at temperature 1, top-p 1 (the RL rollout setting)."""
-    from verl_ext.generation import encode_messages, sample_responses
+    from verl_ext.core.prompts import encode_messages
+    from verl_ext.generation import sample_responses
     from verl_ext.reward import grade_many
 
     prompts = [encode_messages(tokenizer, [{"role": "user", "content": prompt_text(q)}]) for q, _ in problems]

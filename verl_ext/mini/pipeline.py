@@ -32,8 +32,9 @@ from pathlib import Path
 import hydra
 from omegaconf import DictConfig, OmegaConf
 
-from verl_ext.atomic_io import atomic_write_bytes
-from verl_ext.paths import config_dir, source_root
+from verl_ext.core.atomic_io import atomic_write_bytes
+from verl_ext.core.paths import config_dir, source_root
+from verl_ext.mini import run_name
 
 CONFIGS = config_dir()
 STAGES = ("base", "data", "train", "evaluate", "analysis", "replacement", "extrapolation", "report")
@@ -189,11 +190,6 @@ def stage_data(cfg: DictConfig, out: Path) -> dict:
     pd.DataFrame(dataset_rows("train", train)).to_parquet(out / "data" / "train.parquet", index=False)
     pd.DataFrame(dataset_rows("eval", evaluation)).to_parquet(out / "data" / "eval.parquet", index=False)
     return {"train_problems": len(train), "eval_problems": len(evaluation)}
-
-
-def run_name(scheme: str, seed: int) -> str:
-    """A trained model's name: the weighting and the training seed."""
-    return f"{scheme}-seed{seed}"
 
 
 def training_overrides(cfg: DictConfig, out: Path, scheme: str, seed: int) -> list[str]:

@@ -8,7 +8,7 @@ from pathlib import Path
 
 from omegaconf import DictConfig
 
-from verl_ext.mini import claims
+from verl_ext.mini import claims, run_name
 from verl_ext.tiny_assets import DATA_SOURCE
 
 CURVE_PANELS = (  # (metric key in verl's logs, title); the validation key depends on val_samples
@@ -153,7 +153,6 @@ def write_report(cfg: DictConfig, out: Path) -> Path:
         s: json.loads((out / s / "DONE.json").read_text())
         for s in ("base", "data", "train", "evaluate", "analysis", "replacement", "extrapolation")
     }
-    from verl_ext.mini.pipeline import run_name
 
     runs = {(s, k): read_metrics(out / "train" / run_name(s, k) / "metrics.jsonl") for k in cfg.seeds for s in cfg.schemes}
     curves = plot_training_curves(

@@ -32,20 +32,20 @@ COMMAND_CONFIGS: dict[str, tuple[str, ...]] = {
 
 def source_root() -> Path | None:
     """The repository checkout this package runs from (source tree, editable install); None once installed."""
-    root = Path(__file__).resolve().parents[1]
+    root = Path(__file__).resolve().parents[2]
     return root if (root / "setup.py").is_file() and (root / "configs").is_dir() else None
 
 
 def config_dir() -> Path:
     """The folder of every command's config: the installed package data, else the checkout's `configs/`."""
-    packaged = Path(str(importlib.resources.files(__package__) / PACKAGED_CONFIGS))
+    packaged = Path(str(importlib.resources.files("verl_ext") / PACKAGED_CONFIGS))
     if packaged.is_dir():
         return packaged
     root = source_root()
     if root is not None:
         return root / "configs"
     raise FileNotFoundError(
-        f"no configs: neither {packaged} (an installed copy) nor a checkout's configs/ next to {Path(__file__).parent}; "
+        f"no configs: neither {packaged} (an installed copy) nor a checkout's configs/ next to {Path(__file__).parents[1]}; "
         "reinstall with `pip install .` from the repository"
     )
 
@@ -63,5 +63,5 @@ def output_root() -> Path:
     return source_root() or Path.cwd()
 
 
-if __name__ == "__main__":  # `python -m verl_ext.paths`: the config folder, for scripts that pass --config-path
+if __name__ == "__main__":  # `python -m verl_ext.core.paths`: the config folder, for scripts that pass --config-path
     print(config_dir())
