@@ -36,7 +36,7 @@ from dataclasses import dataclass
 
 import torch
 
-from verl_ext.core.distributions import extrapolated_log_softmax, log_softmax, top_p_log_softmax
+from verl_ext.core.distributions import extrapolated_log_softmax, sampling_log_softmax
 from verl_ext.core.sampling import sample_from_log_probs, sample_from_probs
 from verl_ext.decoding.criteria import GateInputs, can_fire, criterion_score, gate, gate_reads, get_criterion
 
@@ -94,8 +94,9 @@ class DecodingRule:
 
 
 def sampling_log_probs(logp: torch.Tensor, temperature: float, top_p: float) -> torch.Tensor:
-    """log nucleus_top_p(softmax(log π / T)): the distribution a token is actually drawn from."""
-    return top_p_log_softmax(log_softmax(logp, temperature), top_p)
+    """log nucleus_top_p(softmax(log π / T)): the distribution a token is actually drawn from (the one
+    rule of `distributions.sampling_log_softmax`, without top-k)."""
+    return sampling_log_softmax(logp, temperature, 0, top_p)
 
 
 def propose(logp_proposer: torch.Tensor, u: torch.Tensor, rule: DecodingRule) -> torch.Tensor:
