@@ -16,6 +16,7 @@ from verl.utils.config import omega_conf_to_dataclass
 from verl.workers.config import PolicyLossConfig
 from verl.workers.utils.losses import ppo_loss
 
+from recipe.dapo_reweight.main import fill_default_alpha
 from verl_ext.core.paths import config_dir
 from verl_ext.policy_loss import ReweightPolicyLossConfig, reweight_metrics
 from verl_ext.weighting import WeightingSpec
@@ -31,6 +32,7 @@ def actor_config(*overrides, verl_vanilla=False):
     """
     with initialize_config_dir(config_dir=str(config_dir()), version_base=None):
         cfg = compose("dapo_reweight", overrides=list(overrides))
+    fill_default_alpha(cfg)  # as the recipe does before verl builds the dataclass
     actor = cfg.actor_rollout_ref.actor
     if verl_vanilla:
         with open_dict(actor):
@@ -129,7 +131,7 @@ def test_ppl_in_the_loss_leaves_advantages_to_the_trainer():
 def test_reweight_metrics_keys_under_actor_prefix():
     _, _, _, old, mask, _ = loss_inputs()
     groups = np.array(["a", "a", "b", "b"], dtype=object)
-    m = reweight_metrics(WeightingSpec.create("ppl"), old, mask, groups)
+    m = reweight_metrics(WeightingSpec.create("ppl", 0.01), old, mask, groups)
     assert set(m) == {
         "actor/reweight/weight_mean",
         "actor/reweight/weight_min",

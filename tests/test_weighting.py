@@ -8,7 +8,6 @@ import pytest
 import torch
 
 from verl_ext.weighting import (
-    DEFAULT_ALPHA,
     WeightingSpec,
     dominate_token_weights,
     lowprob_token_weights,
@@ -117,10 +116,10 @@ def test_ppl_token_weights_broadcast_and_metrics():
 def test_none_is_identity_and_padding_never_nan():
     old, mask = random_batch(seed=4)
     for scheme in ("none", "lowprob", "dominate"):
-        w, _ = token_weights(WeightingSpec.create(scheme), old, mask)
+        w, _ = token_weights(WeightingSpec.create(scheme, 0.2), old, mask)
         assert torch.isfinite(w).all(), scheme
         assert torch.all(w[~mask.bool()] == 1.0), scheme
-    w, _ = token_weights(WeightingSpec.create("none"), old, mask)
+    w, _ = token_weights(WeightingSpec.create("none", 0.0), old, mask)
     assert torch.all(w == 1.0)
 
 
@@ -134,18 +133,26 @@ def test_weight_metrics_by_hand():
     assert m["frac_weight_above_1.05"] == pytest.approx(0.5)
 
 
-def test_defaults_are_the_papers():
-    assert DEFAULT_ALPHA == {"lowprob": 0.2, "dominate": 0.1, "ppl": 0.01, "none": 0.0}
-    assert WeightingSpec.create("lowprob").alpha == 0.2
+def test_alpha_defaults_are_the_papers_and_live_in_the_recipe_config_only():
+    """α = 0.2 for Qwen2.5-Math-7B (0.1 for Qwen3-8B-Base), Dominate 0.1, PPL 0.01: configs only."""
+    from omegaconf import OmegaConf
+
+    from verl_ext.core.paths import config_dir
+
+    recipe = OmegaConf.load(config_dir() / "dapo_reweight.yaml")
+    assert OmegaConf.to_container(recipe.default_alpha) == {"lowprob": 0.2, "ppl": 0.01, "dominate": 0.1, "none": 0.0}
+    assert OmegaConf.load(config_dir() / "preset" / "qwen3-8b-base.yaml").default_alpha.lowprob == 0.1
+    with pytest.raises(ValueError, match="alpha is not set"):
+        WeightingSpec.create("lowprob", None)
 
 
 @pytest.mark.parametrize(
     "kwargs, message",
     [
-        ({"scheme": "lowprobb"}, "unknown weighting scheme 'lowprobb'; valid choices: lowprob, ppl, dominate, none"),
+        ({"scheme": "lowprobb", "alpha": 0.2}, "unknown weighting scheme 'lowprobb'; valid choices: lowprob, ppl, dominate, none"),
         ({"scheme": "lowprob", "alpha": -0.1}, "got -0.1"),
         ({"scheme": "dominate", "alpha": 1.0}, "dominate needs 0 <= alpha < 1"),
-        ({"scheme": "ppl", "ppl_clamp": (1.2, 0.8)}, "low <= high, got low=1.2, high=0.8"),
+        ({"scheme": "ppl", "alpha": 0.01, "ppl_clamp": (1.2, 0.8)}, "low <= high, got low=1.2, high=0.8"),
         ({"scheme": "ppl", "alpha": float("nan")}, "finite"),
     ],
 )

@@ -58,7 +58,9 @@ class ReweightPolicyLossConfig(PolicyLossConfig):
         clamp = list(self.ppl_clamp)
         if len(clamp) != 2:
             raise ValueError(f"ppl_clamp must be [low, high], got {clamp}")
-        WeightingSpec.create(self.weighting, self.alpha, tuple(clamp), self.ppl_iqr_filter)
+        # alpha null is filled by the recipe from default_alpha (then checked); 0 is valid for every scheme
+        alpha = 0.0 if self.alpha is None else self.alpha
+        WeightingSpec.create(self.weighting, alpha, tuple(clamp), self.ppl_iqr_filter)
 
     def spec(self) -> WeightingSpec:
         return WeightingSpec.create(self.weighting, self.alpha, tuple(self.ppl_clamp), self.ppl_iqr_filter)

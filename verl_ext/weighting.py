@@ -22,8 +22,8 @@ import torch
 
 WEIGHTING_SCHEMES = ("lowprob", "ppl", "dominate", "none")
 TOKEN_LEVEL_SCHEMES = ("lowprob", "dominate", "none")
-# The paper's settings: α = 0.2 for Qwen2.5-Math-7B (0.1 for Qwen3-8B-Base), Dominate 0.1, PPL 0.01.
-DEFAULT_ALPHA = {"lowprob": 0.2, "dominate": 0.1, "ppl": 0.01, "none": 0.0}
+# α has one home: `default_alpha` in configs/dapo_reweight.yaml (the paper's values, documented
+# there; presets override it), which the recipe copies into policy_loss.alpha when that is null.
 HIGH_WEIGHT_THRESHOLD = 1.05
 
 
@@ -40,14 +40,19 @@ class WeightingSpec:
     def create(
         cls,
         scheme: str,
-        alpha: float | None = None,
+        alpha: float | None,
         ppl_clamp: tuple[float, float] = (0.8, 1.2),
         ppl_iqr_filter: bool = False,
     ) -> WeightingSpec:
         """Validate and fill defaults; raises ValueError naming the bad value and the valid choices."""
         if scheme not in WEIGHTING_SCHEMES:
             raise ValueError(f"unknown weighting scheme {scheme!r}; valid choices: {', '.join(WEIGHTING_SCHEMES)}")
-        alpha = DEFAULT_ALPHA[scheme] if alpha is None else float(alpha)
+        if alpha is None:
+            raise ValueError(
+                f"weighting {scheme!r}: alpha is not set (actor_rollout_ref.actor.policy_loss.alpha=null takes "
+                "default_alpha[weighting] of configs/dapo_reweight.yaml; give a number when calling this directly)"
+            )
+        alpha = float(alpha)
         if not np.isfinite(alpha) or alpha < 0:
             raise ValueError(f"weighting alpha must be a finite number >= 0, got {alpha!r} (scheme {scheme!r})")
         if scheme == "dominate" and alpha >= 1:

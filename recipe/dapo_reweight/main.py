@@ -53,6 +53,14 @@ def default_reward_path() -> str:
     return str(Path(verl_ext.__file__).resolve().parent / "reward.py")
 
 
+def fill_default_alpha(config: DictConfig) -> None:
+    """policy_loss.alpha=null takes `default_alpha[weighting]` (the one home of α's defaults)."""
+    policy_loss = config.actor_rollout_ref.actor.policy_loss
+    if policy_loss.get("alpha") is None and policy_loss.get("weighting") in config.get("default_alpha", {}):
+        with open_dict(config):
+            policy_loss.alpha = config.default_alpha[policy_loss.weighting]
+
+
 def prepare_config(config: DictConfig) -> DictConfig:
     """Fill derived values and validate the composed config (raises before Ray starts)."""
     from verl.trainer.ppo.utils import need_critic, need_reference_policy
@@ -70,9 +78,7 @@ def prepare_config(config: DictConfig) -> DictConfig:
         scheme = policy_loss.get("weighting")
         if scheme not in WEIGHTING_SCHEMES:
             raise ValueError(f"unknown weighting scheme {scheme!r}; valid choices: {', '.join(WEIGHTING_SCHEMES)}")
-        if policy_loss.get("alpha") is None:
-            with open_dict(config):
-                policy_loss.alpha = config.default_alpha[scheme]
+        fill_default_alpha(config)
         spec = weighting_spec_from(policy_loss)
         trainer_mode = config.trainer.v1.trainer_mode if config.trainer.use_v1 else None
         if spec.scheme == "ppl" and trainer_mode != TRAINER_MODE:
