@@ -3,7 +3,7 @@
 # Δlog p analysis -> token replacement and extrapolation sweeps -> <output_dir>/report.md.
 #
 #   bash scripts/reproduce_mini.sh                        # full run (~30 min on 2 CPU cores)
-#   bash scripts/reproduce_mini.sh smoke=true output_dir=outputs/mini_smoke   # CI-sized (minutes)
+#   bash scripts/reproduce_mini.sh mini_size=smoke output_dir=outputs/mini_smoke   # CI-sized (minutes)
 #   bash scripts/reproduce_mini.sh 'schemes=[none,lowprob,ppl,dominate]' train.steps=60
 #   bash scripts/reproduce_mini.sh redo=[report]          # rebuild the report from finished stages
 #

@@ -154,9 +154,11 @@ def test_bad_settings_are_named(override, message):
 
 
 def test_smoke_shrinks_every_stage():
-    full, smoke = _cfg(), _cfg("smoke=true")
+    full, smoke = _cfg(), _cfg("mini_size=smoke")
     assert smoke.train.steps < full.train.steps and smoke.task.eval_problems < full.task.eval_problems
     assert smoke.schemes == full.schemes == ["none", "lowprob"]
+    assert (full.size, smoke.size) == ("full", "smoke")
+    assert _cfg("mini_size=smoke", "train.steps=5").train.steps == 5, "a command-line override wins over the size"
 
 
 def test_redo_recomputes_the_stage_and_everything_after(tmp_path):
@@ -193,13 +195,13 @@ def test_read_metrics_reads_verl_file_logger(tmp_path):
 
 
 def test_smoke_pipeline_runs_every_stage_and_reports(tmp_path):
-    """scripts/reproduce_mini.sh smoke=true: all stages, real verl DAPO (none, lowprob) through
+    """scripts/reproduce_mini.sh mini_size=smoke: all stages, real verl DAPO (none, lowprob) through
     run_baselines.sh, and a report with every figure and a verdict per claim."""
     out = tmp_path / "mini"
     env = {**os.environ, "TINY_ASSETS_DIR": str(REPO / ".assets" / "tiny")}
     env.pop("RAY_ADDRESS", None)
     proc = subprocess.run(
-        ["bash", str(REPO / "scripts" / "reproduce_mini.sh"), "smoke=true", f"output_dir={out}", "show_progress=false"],
+        ["bash", str(REPO / "scripts" / "reproduce_mini.sh"), "mini_size=smoke", f"output_dir={out}", "show_progress=false"],
         cwd=REPO,
         env=env,
         capture_output=True,
@@ -226,10 +228,10 @@ def test_smoke_pipeline_runs_every_stage_and_reports(tmp_path):
         assert [s for s, _ in metrics["actor/grad_norm"]] == [1, 2]
         weights[scheme] = [w for _, w in metrics["actor/reweight/weight_mean"]]
     assert weights["none"] == [1.0, 1.0] and all(1.0 < w <= 1.2 for w in weights["lowprob"])  # Eq. 8, α=0.2
-    assert OmegaConf.load(out / "config.yaml").smoke is True
+    assert OmegaConf.load(out / "config.yaml").size == "smoke"
     # a rerun keeps every finished stage
     again = subprocess.run(
-        ["bash", str(REPO / "scripts" / "reproduce_mini.sh"), "smoke=true", f"output_dir={out}", "show_progress=false"],
+        ["bash", str(REPO / "scripts" / "reproduce_mini.sh"), "mini_size=smoke", f"output_dir={out}", "show_progress=false"],
         cwd=REPO,
         env=env,
         capture_output=True,

@@ -40,28 +40,6 @@ CONFIGS = config_dir()
 STAGES = ("base", "data", "train", "evaluate", "analysis", "replacement", "extrapolation", "report")
 SCHEMES = ("none", "lowprob", "ppl", "dominate")
 
-# `smoke=true`: the same pipeline, small enough for CI (a few minutes on 2 cores).
-SMOKE_OVERRIDES = {
-    "task.eval_problems": 16,
-    "base.target_accuracy": [0.05, 0.6],
-    "base.chunk_steps": 100,
-    "base.max_steps": 400,
-    "base.eval_samples": 2,
-    "train.steps": 2,
-    "train.prompts_per_step": 4,
-    "train.samples_per_prompt": 4,
-    "train.val_samples": 2,
-    "train.test_freq": 2,
-    "evaluate.samples": 4,
-    "evaluate.pass_ks": [1, 4],
-    "analysis.samples": 2,
-    "replacement.samples": 2,
-    "replacement.target_ratios": [0.1, 0.3],
-    "extrapolation.samples": 2,
-    "extrapolation.gammas": [0.0, 0.5],
-}
-
-
 class PipelineError(RuntimeError):
     pass
 
@@ -70,11 +48,8 @@ class PipelineError(RuntimeError):
 
 
 def resolve_config(cfg: DictConfig) -> DictConfig:
-    """Apply `smoke`, check stage and scheme names (errors name the value and the choices)."""
+    """Check stage and scheme names (errors name the value and the choices)."""
     cfg = OmegaConf.create(OmegaConf.to_container(cfg, resolve=True))
-    if cfg.smoke:
-        for key, value in SMOKE_OVERRIDES.items():
-            OmegaConf.update(cfg, key, value, merge=False)
     for stage in cfg.redo:
         if stage not in STAGES:
             raise PipelineError(f"redo: unknown stage {stage!r}; valid stages: {', '.join(STAGES)}")

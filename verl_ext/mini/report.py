@@ -194,7 +194,7 @@ def write_report(cfg: DictConfig, out: Path) -> Path:
         "Huang et al. 2026, *On the Direction of RLVR Updates for LLM Reasoning*, replayed on a tiny Qwen2 "
         "(hidden 64, 2 layers) and a single-digit arithmetic task on CPU, with the real verl DAPO trainer. "
         "Everything below was computed by `scripts/reproduce_mini.sh` in this folder"
-        + (" (**smoke settings**: far too small for the verdicts to mean anything)" if cfg.smoke else "")
+        + (" (**smoke settings**: far too small for the verdicts to mean anything)" if cfg.size == "smoke" else "")
         + ".\n",
         f"Base/data/sampling seed {cfg.seed}; training seeds {list(cfg.seeds)}; schemes {', '.join(cfg.schemes)}; "
         f"{cfg.train.steps} DAPO steps of "
