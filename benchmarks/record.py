@@ -173,11 +173,12 @@ def run(command: list[str], cwd: Path, note: str, key: str) -> dict:
     wall = time.perf_counter() - t0
     finished = dt.datetime.now(dt.timezone.utc)
     day = started.strftime("%Y-%m-%d")
-    end = finished.strftime("%H:%M") if finished.strftime("%Y-%m-%d") == day else finished.strftime("%Y-%m-%d %H:%M")
+    end = finished.strftime("%H:%M" if finished.strftime("%Y-%m-%d") == day else "%Y-%m-%d %H:%M")
+    span = started.strftime("%H:%M") + ("" if end == started.strftime("%H:%M") else f"-{end}")
     rel = os.path.relpath(cwd, ROOT)
     return {
         "benchmark": key,
-        "date": f"{day} {started.strftime('%H:%M')}-{end} UTC",
+        "date": f"{day} {span} UTC",
         "commit": commit,
         "dirty": dirty,
         "machine": {
@@ -234,7 +235,7 @@ def _cell(text: str) -> str:
 def _number(value) -> str:
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         return str(value)
-    return f"{value:,}" if isinstance(value, int) else f"{value:.4g}"
+    return str(value) if isinstance(value, int) else f"{value:.4g}"
 
 
 def machine_cell(record: dict) -> str:
@@ -250,6 +251,8 @@ def machine_cell(record: dict) -> str:
         text = ", ".join(parts)
     if isinstance(vers, dict):
         text += "; " + ", ".join(f"{k} {v}" for k, v in vers.items() if v != "not installed")
+    if record["note"]:
+        text += f"; {record['note']}"
     return text
 
 
@@ -279,8 +282,6 @@ def result_cell(record: dict) -> str:
         text += f"; wall {_number(record['wall_s'])} s"
     if isinstance(record["exit_code"], int) and record["exit_code"] != 0:
         text += f"; **exit code {record['exit_code']}**"
-    if record["note"]:
-        text += f" ({record['note']})"
     return text
 
 
@@ -352,7 +353,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--regenerate", action="store_true", help="rebuild docs/benchmarks.md from the store, run nothing")
     p.add_argument("--check", action="store_true", help="exit 1 if docs/benchmarks.md differs from the store's")
     p.add_argument("--benchmark", help="the record's table (default: the command's script name)")
-    p.add_argument("--note", default="", help="what the record cannot see: other load on the machine, why this run")
+    p.add_argument("--note", default="", help="what the record cannot see about the machine (other jobs on it), shown "
+                   "in the machine column")
     p.add_argument("--cwd", default=str(ROOT), help="directory to run the command in (default: the repository root)")
     p.add_argument("--keep-failed", action="store_true", help="record a run that exits non-zero too")
     p.add_argument("--dry-run", action="store_true", help="print the record instead of storing it")
