@@ -233,6 +233,8 @@ def _cell(text: str) -> str:
 
 
 def _number(value) -> str:
+    if isinstance(value, dict):
+        return "(" + ", ".join(f"{k} {_number(v)}" for k, v in value.items()) + ")"
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         return str(value)
     return str(value) if isinstance(value, int) else f"{value:.4g}"

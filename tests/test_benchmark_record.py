@@ -86,6 +86,12 @@ def test_a_failed_run_is_not_recorded_unless_asked(tmp_path):
     assert "**exit code 3**" in md and "no output" in md
 
 
+def test_nested_measurements_render_flat():
+    rec = {"result": {"ratio": 0.5, "ratio_of": "a / b", "per_mode": {"x": 1.23456, "y": 2}}, "wall_s": 1.0,
+           "exit_code": 0, "output_tail": [], "note": ""}
+    assert record.result_cell(rec) == "a / b = **0.5x**; per_mode (x 1.235, y 2); wall 1 s"
+
+
 def test_the_last_result_line_counts():
     assert record.parse_result(["RESULT {\"ratio\": 1}", "x", "RESULT {\"ratio\": 2}", "done"]) == {"ratio": 2}
     assert record.parse_result(["RESULT not json", "ratio 3"]) is None
