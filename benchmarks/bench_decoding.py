@@ -70,6 +70,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import json
 import statistics
 import tempfile
 import time
@@ -392,27 +393,41 @@ def main():
         print(f"step / official(vllm) = {tps['dlogp step'] / tps['official(vllm)']:.2f}x "
               f"(the official code's two vLLM engines, one call each per token)")
 
-    if a.no_spec:
-        return
-    # Δlog p reads π_RL at every position, so every round pays a k-token scoring pass. c_1 (its cost for
-    # one token, with the gate, in draft steps) = single/step − 1; a k-token pass costs c_1·t(k)/t(1),
-    # t measured here (on a GPU t(k) ≈ t(1) while the pass is memory-bound; a CPU computes every token).
-    c1 = 1 / vs_single["dlogp step"] - 1
-    ks = range(1, max([16, *a.draft_lens]) + 1)
-    t_pass = scoring_pass_seconds(rl, a.batch, a.prompt_len + a.new_tokens // 2, ks, a.repeats * 4, a.vocab)
-    measured = {k: c1 * t_pass[k] / t_pass[1] for k in ks}
-    print(f"\nΔlog p cost-model bounds, spec/single <~ max_k E[min(G,k)]/(k + c_k) (stop rate r per checked position); "
-          f"c_1 = {c1:.2f} draft steps, k-token pass / 1-token pass: "
-          + ", ".join(f"k={k} {t_pass[k] / t_pass[1]:.2f}" for k in (2, 4, 8, 16) if k in t_pass))
-    for drafts, prefix in (("π_B", "dlogp spec("), ("π_RL", "dlogp rl-draft(")):
-        rows = [n for n in decoders if n.startswith(prefix) and "auto" not in n]
-        if not rows:
-            continue
-        r = statistics.median(stop_rate(decoders[n]) for n in rows)
-        (b_flat, k_flat), (b_meas, k_meas) = (speculative_speed_bound(r, c) for c in (dict.fromkeys(ks, c1), measured))
-        best = max((n for n in decoders if n.startswith(prefix)), key=lambda n: vs_single[n])
-        print(f"  {drafts} drafts, r = {r:.3f}: c_k = c_1 (GPU-like) {b_flat:.3f} at k={k_flat}; measured c_k "
-              f"{b_meas:.3f} at k={k_meas}; best measured row {best} {vs_single[best]:.3f}")
+    result = {"ratio": round(vs_single["dlogp step"], 4), "ratio_of": "Δlog p step / single-model KV-cache generation",
+              "target": ">= 0.45", "H_base_step_vs_single": round(vs_single["H_base step"], 4),
+              "static_vs_step": {k: round(tps[f"{k} static"] / tps[f"{k} step"], 4) for k in ("dlogp", "H_base")},
+              "single_static_vs_single": round(tps["single static"] / tps["single"], 4),
+              "tokens_per_s": {name: round(tps[name], 1) for name in fns}}
+    if "official" in tps:
+        result["step_vs_official_cost_model"] = round(tps["dlogp step"] / tps["official"], 4)
+    if engines:
+        result["step_vs_official_vllm"] = round(tps["dlogp step"] / tps["official(vllm)"], 4)
+    if roofline:
+        result["of_roofline"] = {name: round(of_roof[name], 4) for name in fns}
+    if not a.no_spec:
+        # Δlog p reads π_RL at every position, so every round pays a k-token scoring pass. c_1 (its cost for
+        # one token, with the gate, in draft steps) = single/step − 1; a k-token pass costs c_1·t(k)/t(1),
+        # t measured here (on a GPU t(k) ≈ t(1) while the pass is memory-bound; a CPU computes every token).
+        c1 = 1 / vs_single["dlogp step"] - 1
+        ks = range(1, max([16, *a.draft_lens]) + 1)
+        t_pass = scoring_pass_seconds(rl, a.batch, a.prompt_len + a.new_tokens // 2, ks, a.repeats * 4, a.vocab)
+        measured = {k: c1 * t_pass[k] / t_pass[1] for k in ks}
+        print("\nΔlog p cost-model bounds, spec/single <~ max_k E[min(G,k)]/(k + c_k) (stop rate r per checked "
+              f"position); "
+              f"c_1 = {c1:.2f} draft steps, k-token pass / 1-token pass: "
+              + ", ".join(f"k={k} {t_pass[k] / t_pass[1]:.2f}" for k in (2, 4, 8, 16) if k in t_pass))
+        for drafts, prefix in (("π_B", "dlogp spec("), ("π_RL", "dlogp rl-draft(")):
+            rows = [n for n in decoders if n.startswith(prefix) and "auto" not in n]
+            if not rows:
+                continue
+            r = statistics.median(stop_rate(decoders[n]) for n in rows)
+            (b_flat, k_flat), (b_meas, k_meas) = (
+                speculative_speed_bound(r, c) for c in (dict.fromkeys(ks, c1), measured))
+            best = max((n for n in decoders if n.startswith(prefix)), key=lambda n: vs_single[n])
+            print(f"  {drafts} drafts, r = {r:.3f}: c_k = c_1 (GPU-like) {b_flat:.3f} at k={k_flat}; measured c_k "
+                  f"{b_meas:.3f} at k={k_meas}; best measured row {best} {vs_single[best]:.3f}")
+
+    print("RESULT " + json.dumps(result, ensure_ascii=False))  # for benchmarks/record.py
 
 
 if __name__ == "__main__":

@@ -20,6 +20,7 @@ responses, waiting for a worker included: p50, p99, max (target p99 <= bound + 1
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import random
 import time
@@ -174,6 +175,16 @@ def main() -> None:
     disagreements = [(k, r[-50:], t, a, b) for (k, r, t), a, b in zip(clean, ours_clean, direct) if a != b]
     for kind, tail, truth, a, b in disagreements[:5]:
         print(f"  disagree [{kind}] truth={truth!r} ours={a} direct={b} response tail={tail!r}")
+    print("RESULT " + json.dumps({  # for benchmarks/record.py
+        "ratio": round(t_ours_clean / t_direct, 4), "ratio_of": "time ours / Math-Verify direct, clean responses",
+        "target": "<= 1.5; p99 <= bound + 1 s", "ratio_vs_first_direct_pass": round(t_ours_clean / t_direct_1, 4),
+        "direct_clean_answers_per_s": round(len(clean) / t_direct, 1),
+        "ours_clean_answers_per_s": round(len(clean) / t_ours_clean, 1),
+        "ours_all_answers_per_s": round(len(everything) / t_ours_all, 1),
+        "latency_p50_s": round(percentile(latencies, 0.5), 4), "latency_p99_s": round(percentile(latencies, 0.99), 3),
+        "latency_max_s": round(max(latencies), 2), "calls_over_bound_plus_1s": over, "calls": len(everything),
+        "verdicts_agree": round(agree / len(clean), 4), "responses": args.n, "adversarial": num_adversarial,
+        "threads": args.threads, "bound_s": args.bound}))
 
 
 if __name__ == "__main__":

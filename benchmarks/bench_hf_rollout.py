@@ -15,6 +15,7 @@ actor (what verl's agent loop does) and reports its tokens/s including request b
 from __future__ import annotations
 
 import argparse
+import json
 import statistics
 import time
 
@@ -183,12 +184,17 @@ def main():
     print(f"model.generate       : {tokens / t_hf:9.1f} tokens/s ({t_hf:.3f} s)")
     print(f"hf rollout (batched) : {tokens / t_ours:9.1f} tokens/s ({t_ours:.3f} s, with log-probs)")
     print(f"ratio hf rollout / model.generate = {t_hf / t_ours:.2f}  (target >= 0.8)")
+    result = {"ratio": round(t_hf / t_ours, 4), "ratio_of": "hf rollout / model.generate, tokens/s", "target": ">= 0.8",
+              "generate_tok_per_s": round(tokens / t_hf, 1), "hf_rollout_tok_per_s": round(tokens / t_ours, 1),
+              "batch": args.batch, "new_tokens": args.new_tokens}
     if args.server:
         t_server = run_server(model, prompts, args)
         print(
             f"hf rollout via Ray server ({args.batch} concurrent requests): {tokens / t_server:9.1f} tokens/s "
             f"({t_server:.3f} s); ratio to model.generate = {t_hf / t_server:.2f}"
         )
+        result["ray_server_ratio"] = round(t_hf / t_server, 4)
+    print("RESULT " + json.dumps(result))  # for benchmarks/record.py
 
 
 if __name__ == "__main__":

@@ -9,6 +9,7 @@ this is the worst case for the hook's relative overhead) and prints the ratio (t
 from __future__ import annotations
 
 import argparse
+import json
 import statistics
 import time
 
@@ -78,6 +79,10 @@ def main() -> None:
     print(f"verl vanilla loss fwd+bwd: {med_v * 1e3:8.2f} ms (median of {len(t_vanilla)})")
     print(f"dapo_reweight (lowprob):   {med_o * 1e3:8.2f} ms (median of {len(t_ours)})")
     print(f"ratio ours/vanilla = {med_o / med_v:.3f}   (target <= 1.10)")
+    print("RESULT " + json.dumps({  # for benchmarks/record.py
+        "ratio": round(med_o / med_v, 4), "ratio_of": "dapo_reweight (lowprob) / vanilla, loss fwd+bwd",
+        "target": "<= 1.10", "vanilla_ms": round(med_v * 1e3, 3), "dapo_reweight_ms": round(med_o * 1e3, 3),
+        "device": str(device), "batch": args.batch, "length": args.length, "valid_tokens": tokens}))
 
 
 if __name__ == "__main__":

@@ -14,6 +14,7 @@ the best of `--repeats` times of both and their ratio, and checks they pick the 
 from __future__ import annotations
 
 import argparse
+import json
 import time
 
 import torch
@@ -75,6 +76,12 @@ def main():
           f"support width {width} (max over rows), same tokens and flags at {same:.0%} of positions")
     print(f"vocabulary {t_vocab * 1e3:.2f} ms, support {t_support * 1e3:.2f} ms (best of {a.repeats}): "
           f"support / vocabulary = {t_support / t_vocab:.3f}")
+    print("RESULT " + json.dumps({  # for benchmarks/record.py
+        "ratio": round(t_support / t_vocab, 4),
+        "ratio_of": "step law on the draft support / over the vocabulary, time",
+        "vocabulary_ms": round(t_vocab * 1e3, 3), "support_ms": round(t_support * 1e3, 3),
+        "same_tokens": round(same, 4),
+        "rows": a.rows, "vocab": a.vocab}))
 
 
 if __name__ == "__main__":

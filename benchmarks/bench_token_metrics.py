@@ -14,6 +14,7 @@ full vocabulary in float32, with bounded memory. Prints tokens/s of both, their 
 from __future__ import annotations
 
 import argparse
+import json
 import time
 
 import torch
@@ -136,6 +137,12 @@ def main() -> None:
     )
     print(f"ratio metrics/bare throughput: {tb / tm:.2f}  (target >= 0.8)")
     print(f"for scale: one float32 [1, {args.seq_len}, {args.vocab}] logits tensor is {mib(full_logits)}")
+    peak = lambda name: max((x or 0 for x in mem[name]), default=0) / 2**20
+    print("RESULT " + json.dumps({  # for benchmarks/record.py
+        "ratio": round(tb / tm, 4), "ratio_of": "metrics / two bare forward passes, throughput", "target": ">= 0.8",
+        "bare_tok_per_s": round(n_tokens / tb), "metrics_tok_per_s": round(n_tokens / tm),
+        "peak_growth_bare_mib": round(peak("bare")), "peak_growth_metrics_mib": round(peak("metrics")),
+        "device": args.device, "vocab": args.vocab, "seq_len": args.seq_len, "scored_tokens": n_tokens}))
 
 
 if __name__ == "__main__":
