@@ -187,6 +187,10 @@ def test_resume_refuses_shards_of_other_settings_but_not_of_other_speed_settings
     pd.testing.assert_frame_equal(table(sweep.run(make_cfg(out, "decoding.draft_model=scorer"))), table(summary))
     pd.testing.assert_frame_equal(
         table(sweep.run(make_cfg(out, "decoding.static_cache=true", "decoding.draft_model=scorer"))), table(summary))
+    # a sweep folder from before manifest.json: its config.yaml says what its shards hold
+    (out / "manifest.json").unlink()
+    with pytest.raises(ResumeError, match="n_samples: 2 -> 3"):
+        sweep.run(make_cfg(out, "n_samples=3"))
 
 
 def test_experimental_speculative_rounds_give_the_same_sweep(swept, tmp_path, monkeypatch):

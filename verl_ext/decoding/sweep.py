@@ -628,6 +628,8 @@ def run(cfg: DictConfig) -> list[dict]:
     validate(cfg)
     out_dir = Path(cfg.output_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
+    if not (out_dir / "manifest.json").exists() and (out_dir / "config.yaml").exists():  # a sweep from before the manifest
+        atomic_write_bytes(out_dir / "manifest.json", json.dumps(shard_settings(OmegaConf.load(out_dir / "config.yaml"))).encode())
     check_resume(out_dir, shard_settings(cfg), ("runs",), redo_hint=f"delete {out_dir / 'runs'} to start over")
     atomic_write_bytes(out_dir / "config.yaml", OmegaConf.to_yaml(cfg, resolve=True).encode())
     worker = functools.partial(ShardWorker, OmegaConf.to_container(cfg, resolve=True))
