@@ -7,6 +7,7 @@ import json
 import os
 import sys
 from dataclasses import dataclass
+from typing import ClassVar
 
 import pytest
 
@@ -22,7 +23,7 @@ class Square:
 class Worker:
     """A worker whose construction is counted (it stands for loading the models)."""
 
-    built: list[int] = []
+    built: ClassVar[list[int]] = []
 
     def __init__(self, offset: int):
         Worker.built.append(offset)
@@ -119,8 +120,6 @@ def test_ray_pool_two_actors_and_clean_shutdown():
     """The pool starts Ray itself (2 CPUs here), spreads calls over 2 actors (worker built once per actor),
     and leaves no actor nor Ray runtime behind, also when the driver fails mid-way."""
     ray = pytest.importorskip("ray")
-    import ray.cloudpickle
-
     ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])  # the actors need not import this test file
     if ray.is_initialized():
         ray.shutdown()

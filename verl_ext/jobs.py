@@ -223,7 +223,7 @@ def _flat(d: Any, prefix: str = "") -> dict[str, Any]:
 def settings_diff(old: dict, new: dict) -> list[str]:
     """`key: old -> new` for every dotted key whose value differs (missing: <unset>)."""
     a, b, unset = _flat(old), _flat(new), object()
-    show = lambda v: "<unset>" if v is unset else json.dumps(v)  # noqa: E731
+    show = lambda v: "<unset>" if v is unset else json.dumps(v)
     pairs = ((k, a.get(k, unset), b.get(k, unset)) for k in sorted(set(a) | set(b)))
     return [f"{k}: {show(x)} -> {show(y)}" for k, x, y in pairs if x != y]
 
