@@ -7,7 +7,7 @@
 #       input.prompts=shared/data/aime_2021_2024.jsonl input.prompt_key=question sampling.n=8
 #   bash scripts/analyze_logp_diff.sh input.source=files 'input.files=[{path: runs/val_dumps, generator: rl}]'
 #
-# Several GPUs (or RAY_ADDRESS set): shards go to Ray actors, one per GPU. WANDB_MODE or
+# Several GPUs (or ray.address / RAY_ADDRESS set): shards go to Ray actors, one per GPU. WANDB_MODE or
 # WANDB_API_KEY set: histograms and tables are also logged to wandb.
 set -euo pipefail
 REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"

@@ -25,6 +25,7 @@ from omegaconf import OmegaConf
 
 from verl_ext import wandb_logging
 from verl_ext.decoding import sweep
+from verl_ext.jobs import ResumeError, WorkerPool, use_ray
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIGS = REPO / "configs"
@@ -141,9 +142,9 @@ def test_resume_recomputes_only_missing_shards(swept, tmp_path, monkeypatch, cap
     calls = []
     original = sweep.ShardWorker.run_shard
 
-    def counting(self, spec, start, stop, path):
-        calls.append((spec.name, start, stop))
-        return original(self, spec, start, stop, path)
+    def counting(self, shard):
+        calls.append((shard.spec.name, shard.start, shard.stop))
+        return original(self, shard)
 
     monkeypatch.setattr(sweep.ShardWorker, "run_shard", counting)
     mtimes = {p: p.stat().st_mtime_ns for p in shard_files(out)}
@@ -175,17 +176,21 @@ def test_resume_refuses_shards_of_other_settings_but_not_of_other_speed_settings
     # draft length: the shards on disk (step by step, the default) are still this sweep's
     pd.testing.assert_frame_equal(
         table(sweep.run(make_cfg(out, "decoding.speculative=true", "decoding.draft_len=2"))), table(summary))
-    with pytest.raises(sweep.SweepError, match=r"other settings \(decoding: .*'coupling': 'maximal'.*"
-                                               r"'coupling': 'independent'.*delete .*runs to start over"):
+    with pytest.raises(ResumeError, match=r"other settings \(decoding.coupling: \"maximal\" -> \"independent\"\)"
+                                          r".*delete .*runs to start over"):
         sweep.run(make_cfg(out, "decoding.coupling=independent"))
-    with pytest.raises(sweep.SweepError, match="n_samples: 2 -> 3"):
+    with pytest.raises(ResumeError, match="n_samples: 2 -> 3"):
         sweep.run(make_cfg(out, "n_samples=3"))
-    with pytest.raises(sweep.SweepError, match="'draft_model': 'scorer'"):  # same law, other tokens
+    with pytest.raises(ResumeError, match='decoding.draft_model: "proposer" -> "scorer"'):  # same law, other tokens
         sweep.run(make_cfg(out, "decoding.speculative=true", "decoding.draft_model=scorer"))
     # without speculative rounds (the default) draft_model is unused: still this sweep's shards
     pd.testing.assert_frame_equal(table(sweep.run(make_cfg(out, "decoding.draft_model=scorer"))), table(summary))
     pd.testing.assert_frame_equal(
         table(sweep.run(make_cfg(out, "decoding.static_cache=true", "decoding.draft_model=scorer"))), table(summary))
+    # a sweep folder from before manifest.json: its config.yaml says what its shards hold
+    (out / "manifest.json").unlink()
+    with pytest.raises(ResumeError, match="n_samples: 2 -> 3"):
+        sweep.run(make_cfg(out, "n_samples=3"))
 
 
 def test_experimental_speculative_rounds_give_the_same_sweep(swept, tmp_path, monkeypatch):
@@ -313,28 +318,27 @@ def test_ray_pool_matches_in_process(swept, tmp_path, monkeypatch):
     ray = pytest.importorskip("ray")
     src, summary, _ = swept
     out = tmp_path / "ray"
-    pools, init = [], sweep.RayPool.__init__
+    pools, init = [], WorkerPool.__init__
 
-    def keep(self, cfg):
-        init(self, cfg)
+    def keep(self, *args, **kwargs):
+        init(self, *args, **kwargs)
         pools.append(self)
 
-    monkeypatch.setattr(sweep.RayPool, "__init__", keep)
+    monkeypatch.setattr(WorkerPool, "__init__", keep)
+    pids: list[int] = []
+    monkeypatch.setattr(WorkerPool, "close", lambda self: pids.extend(ray.get([a.pid.remote() for a in self._actors]))
+                        or WorkerPool.restart(self))
     t0 = time.perf_counter()
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
     try:
         # one problem per shard (the reference has two): results must not depend on the sharding either
         cfg = make_cfg(out, "ray.enabled=true", "ray.num_workers=2", "shard_problems=1")
-        assert sweep.use_ray(cfg)
+        assert use_ray(cfg.ray)
         got = sweep.run(cfg)
-        actors = []
-        while pools[0].pool.has_free():
-            actors.append(pools[0].pool.pop_idle())
-        pids = set(ray.get([a.__ray_call__.remote(lambda self: os.getpid()) for a in actors]))
     finally:
         ray.shutdown()
     print(f"ray sweep: {time.perf_counter() - t0:.1f}s")
-    assert len(actors) == 2 and len(pids) == 2 and os.getpid() not in pids
+    assert pools[0].ray and len(set(pids)) == 2 and os.getpid() not in pids
     assert len(shard_files(out)) == len(RUNS) * NUM_PROBLEMS
     pd.testing.assert_frame_equal(table(got), table(summary))
     pd.testing.assert_frame_equal(all_rows(out), all_rows(src))

@@ -3,6 +3,7 @@ file inputs (our parquet, verl JSONL dumps), report numbers vs the parquet, plot
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import os
@@ -18,7 +19,8 @@ import torch
 from hydra import compose, initialize_config_dir
 
 from verl_ext.analysis import logp_diff, report
-from verl_ext.analysis.logp_diff import AnalysisWorker, Executor, ShardTask, WorkerSpec, read_generation_parquet
+from verl_ext.analysis.logp_diff import AnalysisWorker, ShardTask, WorkerSpec, read_generation_parquet
+from verl_ext.jobs import ResumeError, WorkerPool
 
 REPO = Path(__file__).resolve().parents[1]
 CHARS = ["\n"] + [chr(c) for c in range(32, 127)]
@@ -99,7 +101,7 @@ def make_cfg(assets, out: Path, *extra: str):
         "report.min_token_count=1",
         "report.top_k=5",
         "show_progress=false",
-        "workers.use_ray=false",
+        "ray.enabled=false",
         "wandb.enable=false",
         *extra,
     ]
@@ -192,7 +194,7 @@ def test_sample_score_report_resume(assets, tmp_path, monkeypatch):
     monkeypatch.setattr(
         AnalysisWorker,
         "sample",
-        lambda self, g, t, s: calls["sample"].append((g, t.index)) or real_sample(self, g, t, s),
+        lambda self, job: calls["sample"].append((job.generator, job.shard.index)) or real_sample(self, job),
     )
     monkeypatch.setattr(AnalysisWorker, "score", lambda self, t: calls["score"].append(t.index) or real_score(self, t))
     logp_diff.run(cfg)
@@ -205,7 +207,7 @@ def test_sample_score_report_resume(assets, tmp_path, monkeypatch):
     assert len(logp_diff.read_token_metrics(out)) == len(df)
 
     # another configuration in the same folder is refused
-    with pytest.raises(ValueError, match=r"another configuration \(differs in: sampling\)"):
+    with pytest.raises(ResumeError, match=r"other settings \(sampling.n: 2 -> 3\).*overwrite=true"):
         logp_diff.run(make_cfg(assets, out, "sampling.n=3"))
 
 
@@ -435,24 +437,16 @@ def test_ray_actors_match_in_process(assets, tmp_path):
         str(assets["base"]), str(assets["rl"]), str(assets["base"]), "cpu", "float32", {}, {"chunk_size": 4}, False
     )
     local: dict[int, pd.DataFrame] = {}
-    Executor(spec, {"use_ray": False}).map(
-        "score", [(t,) for t in tasks], lambda a, tbl: local.__setitem__(a[0].index, tbl.to_pandas())
-    )
+    with WorkerPool(functools.partial(AnalysisWorker, spec), {"enabled": False}) as pool:
+        pool.map(AnalysisWorker.score, tasks, lambda t, tbl: local.__setitem__(t.index, tbl.to_pandas()))
     remote: dict[int, pd.DataFrame] = {}
-    ex = Executor(
-        spec,
-        {
-            "use_ray": True,
-            "num_workers": 2,
-            "num_cpus_per_worker": 1,
-            "ray_init": {"num_cpus": 2, "include_dashboard": False, "log_to_driver": False},
-        },
-    )
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
     try:
-        ex.map("score", [(t,) for t in tasks], lambda a, tbl: remote.__setitem__(a[0].index, tbl.to_pandas()))
-        assert len(ex._actors) == 2
+        with WorkerPool(functools.partial(AnalysisWorker, spec), {"enabled": True, "num_workers": 2},
+                        use_gpus=False) as pool:
+            pool.map(AnalysisWorker.score, tasks, lambda t, tbl: remote.__setitem__(t.index, tbl.to_pandas()))
+            assert len(pool.actors()) == 2
     finally:
-        ex.restart()
         ray.shutdown()
     assert sorted(remote) == sorted(local) == [0, 1]
     for i, frame in local.items():

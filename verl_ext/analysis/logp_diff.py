@@ -20,19 +20,17 @@ Pipeline, every step resumable (each output is written to a temporary file and r
    Δlog p (`top_tokens_{up,down}.{csv,md}`), `summary.md` / `summary.json` with tail masses;
    optionally logged to wandb (when WANDB_MODE or WANDB_API_KEY is set).
 
-Scale-out: with `workers.use_ray` (default: when more than one GPU is visible or RAY_ADDRESS is
-set) shards go to Ray actors, one per GPU, each holding both models; the driver writes and merges.
-Without Ray everything runs in this process (the CPU default).
+Scale-out (`verl_ext.jobs`): with `ray.enabled` (auto: when `ray.address` or RAY_ADDRESS is set or more
+than one GPU is visible) shards go to Ray actors, one per GPU, each holding both models; the driver
+writes and merges. Without Ray everything runs in this process (the CPU default).
 """
 
 from __future__ import annotations
 
-import hashlib
+import functools
 import itertools
 import json
-import os
 import re
-import shutil
 import warnings
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -61,6 +59,7 @@ from verl_ext.core.checks import (
 )
 from verl_ext.core.paths import config_dir
 from verl_ext.core.progress import size_line
+from verl_ext.jobs import WorkerPool, check_ray, check_resume
 from verl_ext.wandb_logging import start_run, wandb_enabled
 
 GENERATION_COLUMNS = ("generator", "prompt_index", "sample_index", "response_id", "prompt_ids", "response_ids")
@@ -104,6 +103,15 @@ class ShardTask:
     index: int
     prompts: list[tuple[int, list[int]]] = field(default_factory=list)  # (prompt_index, ids)
     records: list[ResponseRecord] = field(default_factory=list)
+
+
+@dataclass
+class SampleTask:
+    """Phase 1 on one shard: responses from `generator` with sampling seed `seed`."""
+
+    generator: str
+    shard: ShardTask
+    seed: int
 
 
 def shard_name(index: int) -> str:
@@ -325,10 +333,11 @@ class AnalysisWorker:
             self._scorer = PairScorer(base, rl, **self.spec.scoring)
         return self._scorer
 
-    def sample(self, generator: str, task: ShardTask, seed: int) -> pa.Table:
-        """Phase 1: `sampling.n` responses per prompt of the shard from `generator`."""
+    def sample(self, job: SampleTask) -> pa.Table:
+        """Phase 1: `sampling.n` responses per prompt of the shard from `job.generator`."""
         from verl_ext.generation import resolve_backend, sample_responses
 
+        generator, task, seed = job.generator, job.shard, job.seed
         s = self.spec.sampling
         backend = resolve_backend(s.get("backend", "hf"))
         model = self.model(generator) if backend == "hf" else self.vllm_engine(generator)
@@ -401,11 +410,6 @@ class AnalysisWorker:
             self._engines[generator] = load_vllm(path, seed=self.spec.sampling["seed"])
         return self._engines[generator]
 
-    def release(self) -> None:
-        self._models.clear()
-        self._engines.clear()
-        self._scorer = None
-
 
 def token_table(records: list[ResponseRecord], metrics: list[dict], token_texts) -> pa.Table:
     """Per-token rows (TOKEN_SCHEMA) from records and their per-sequence metric tensors."""
@@ -425,93 +429,11 @@ def token_table(records: list[ResponseRecord], metrics: list[dict], token_texts)
     return pa.Table.from_pydict(cols, schema=TOKEN_SCHEMA)
 
 
-# ----------------------------------------------------------------------------- execution
-
-
-def use_ray(setting) -> bool:
-    """`workers.use_ray`: true/false, or auto = more than one CUDA GPU visible or RAY_ADDRESS set."""
-    if isinstance(setting, bool):
-        return setting
-    if setting != "auto":
-        raise ValueError(f"workers.use_ray={setting!r} is invalid; valid choices: auto, true, false")
-    import torch
-
-    return torch.cuda.device_count() > 1 or bool(os.environ.get("RAY_ADDRESS"))
-
-
-class Executor:
-    """Runs worker calls in this process, or spread over Ray actors (one per GPU, both models each)."""
-
-    def __init__(self, spec: WorkerSpec, workers_cfg: dict):
-        self.spec = spec
-        self.ray = use_ray(workers_cfg.get("use_ray", "auto"))
-        self.cfg = workers_cfg
-        self._local: AnalysisWorker | None = None
-        self._actors: list = []
-
-    def _start_actors(self) -> list:
-        import ray
-        import torch
-
-        if not ray.is_initialized():
-            ray.init(**dict(self.cfg.get("ray_init") or {}))
-        gpus = int(ray.cluster_resources().get("GPU", 0)) if self.spec.device != "cpu" else 0
-        n = self.cfg.get("num_workers") or max(gpus, 1)
-        per_gpu = 1 if gpus and self.spec.device != "cpu" else 0
-        if per_gpu and n > gpus:
-            raise ValueError(f"workers.num_workers={n} but the Ray cluster has {gpus} GPU(s): one worker per GPU")
-        actor_cls = ray.remote(AnalysisWorker).options(
-            num_cpus=self.cfg.get("num_cpus_per_worker", 1), num_gpus=per_gpu
-        )
-        spec = self.spec
-        if per_gpu == 0 and spec.device == "auto" and not torch.cuda.is_available():
-            spec = WorkerSpec(**{**asdict(spec), "device": "cpu"})
-        self._actors = [actor_cls.remote(spec) for _ in range(n)]
-        return self._actors
-
-    def map(self, method: str, calls: list[tuple], on_result) -> None:
-        """Call `worker.<method>(*args)` for each args tuple; `on_result(args, result)` as results arrive."""
-        if not calls:
-            return
-        if not self.ray:
-            if self._local is None:
-                self._local = AnalysisWorker(self.spec)
-            for args in calls:
-                on_result(args, getattr(self._local, method)(*args))
-            return
-        import ray
-
-        actors = self._actors or self._start_actors()
-        pending: dict = {}
-        queue = list(calls)
-        idle = list(actors)
-        while queue or pending:
-            while queue and idle:
-                actor, args = idle.pop(), queue.pop(0)
-                pending[getattr(actor, method).remote(*args)] = (actor, args)
-            done, _ = ray.wait(list(pending), num_returns=1)
-            actor, args = pending.pop(done[0])
-            on_result(args, ray.get(done[0]))
-            idle.append(actor)
-
-    def restart(self) -> None:
-        """Drop the models (and actors): the next call loads them afresh (e.g. after vLLM sampling)."""
-        if self._local is not None:
-            self._local.release()
-            self._local = None
-        if self._actors:
-            import ray
-
-            for a in self._actors:
-                ray.kill(a)
-            self._actors = []
-
-
 # ----------------------------------------------------------------------------- the command
 
 
-def config_fingerprint(cfg: DictConfig) -> dict:
-    """The parts of the config that determine the shard contents (checked on resume)."""
+def resume_settings(cfg: DictConfig) -> dict:
+    """The parts of the config that determine the shard contents (`manifest.json`, checked on resume)."""
     keep = {k: cfg.models[k] for k in ("base", "rl", "tokenizer", "dtype", "tiny_rl_noise")}
     keep["input"] = cfg.input
     keep["sharding"] = cfg.sharding
@@ -519,30 +441,7 @@ def config_fingerprint(cfg: DictConfig) -> dict:
         keep["sampling"] = {k: v for k, v in OmegaConf.to_container(cfg.sampling).items() if k != "batch_size"}
     data = OmegaConf.to_container(OmegaConf.create(keep), resolve=True)
     data["version"] = MANIFEST_VERSION
-    data["hash"] = hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:16]
     return data
-
-
-def check_manifest(out: Path, fingerprint: dict, overwrite: bool) -> None:
-    """Resume only results of the same configuration; `overwrite=true` starts over."""
-    path = out / "manifest.json"
-    if overwrite:
-        for sub in ("generations", "tokens"):
-            shutil.rmtree(out / sub, ignore_errors=True)
-        path.unlink(missing_ok=True)
-    if path.is_file():
-        old = json.loads(path.read_text())
-        if old.get("hash") != fingerprint["hash"]:
-            diff = sorted(k for k in set(old) | set(fingerprint) if k != "hash" and old.get(k) != fingerprint.get(k))
-            raise ValueError(
-                f"{out} holds results of another configuration (differs in: {', '.join(diff)}); "
-                "use another output_dir, or overwrite=true to delete them"
-            )
-        return
-    out.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(".manifest.json.tmp")
-    tmp.write_text(json.dumps(fingerprint, indent=1))
-    tmp.replace(path)
 
 
 def resolve_models(cfg: DictConfig, out: Path) -> tuple[str, str, str | None, Any]:
@@ -631,13 +530,7 @@ def shard_seed(seed: int, shard: int, generator_index: int) -> int:
     return seed + 7919 * shard + generator_index
 
 
-def _progress(total: int, desc: str, enabled: bool):
-    from tqdm import tqdm
-
-    return tqdm(total=total, desc=desc, unit="shard", disable=not enabled)
-
-
-def run_sampling(cfg: DictConfig, executor: Executor, prompts, out: Path) -> list[ShardTask]:
+def run_sampling(cfg: DictConfig, pool: WorkerPool, prompts, out: Path) -> list[ShardTask]:
     """Phase 1: write generations/<generator>/shard-*.parquet (missing ones only); returns scoring tasks."""
     generators = list(cfg.sampling.generators)
     if not generators or any(g not in ("base", "rl") for g in generators):
@@ -646,20 +539,18 @@ def run_sampling(cfg: DictConfig, executor: Executor, prompts, out: Path) -> lis
     print(f"[analyze_logp_diff] size: {len(generators)} generator(s) x "
           f"{size_line(len(prompts), cfg.sampling.n, cfg.sampling.max_new_tokens)} each", flush=True)
     calls = [
-        (g, t, shard_seed(cfg.sampling.seed, t.index, gi))
+        SampleTask(g, t, shard_seed(cfg.sampling.seed, t.index, gi))
         for gi, g in enumerate(generators)
         for t in tasks
         if not (out / "generations" / g / shard_name(t.index)).is_file()
     ]
-    with _progress(len(calls), "sampling", cfg.show_progress) as bar:
 
-        def done(args, table):
-            write_parquet_atomic(table, out / "generations" / args[0] / shard_name(args[1].index))
-            bar.update(1)
+    def write(job: SampleTask, table: pa.Table) -> None:
+        write_parquet_atomic(table, out / "generations" / job.generator / shard_name(job.shard.index))
 
-        executor.map("sample", calls, done)
+    pool.map(AnalysisWorker.sample, calls, write, progress="sampling")
     if cfg.sampling.backend != "hf" and calls:
-        executor.restart()  # drop the vLLM engines (new Ray actors) before loading both models for scoring
+        pool.restart()  # drop the vLLM engines (new Ray actors) before loading both models for scoring
     scoring = []
     for t in tasks:
         records = []
@@ -669,18 +560,16 @@ def run_sampling(cfg: DictConfig, executor: Executor, prompts, out: Path) -> lis
     return scoring
 
 
-def run_scoring(cfg: DictConfig, executor: Executor, tasks: list[ShardTask], out: Path) -> list[int]:
+def run_scoring(pool: WorkerPool, tasks: list[ShardTask], out: Path) -> list[int]:
     """Phase 2: write tokens/shard-*.parquet for the shards that are missing; returns their indices."""
     todo = [t for t in tasks if not (out / "tokens" / shard_name(t.index)).is_file()]
     computed: list[int] = []
-    with _progress(len(todo), "scoring", cfg.show_progress) as bar:
 
-        def done(args, table):
-            write_parquet_atomic(table, out / "tokens" / shard_name(args[0].index))
-            computed.append(args[0].index)
-            bar.update(1)
+    def write(task: ShardTask, table: pa.Table) -> None:
+        write_parquet_atomic(table, out / "tokens" / shard_name(task.index))
+        computed.append(task.index)
 
-        executor.map("score", [(t,) for t in todo], done)
+    pool.map(AnalysisWorker.score, todo, write, progress="scoring")
     return sorted(computed)
 
 
@@ -819,9 +708,7 @@ def validate(cfg: DictConfig) -> None:
     _positive_int(cfg.scoring.block_rows, "scoring.block_rows", allow_none=True)
     _positive_int(cfg.sharding.prompts_per_shard, "sharding.prompts_per_shard")
     _positive_int(cfg.sharding.responses_per_shard, "sharding.responses_per_shard")
-    check_choice(cfg.workers.use_ray, "workers.use_ray", ("auto", True, False))
-    _positive_int(cfg.workers.num_workers, "workers.num_workers", allow_none=True)
-    check_number(cfg.workers.num_cpus_per_worker, "workers.num_cpus_per_worker", low=0, low_open=True)
+    check_ray(cfg.ray)
     r = cfg.report
     _positive_int(r.histogram_bins, "report.histogram_bins")
     check_list(r.tail_thresholds, "report.tail_thresholds", lambda v, k: check_number(v, k, low=0))
@@ -863,7 +750,8 @@ def run(cfg: DictConfig) -> dict[str, Path]:
     resolve_config_paths(cfg, ("models.base", "models.rl", "models.tokenizer"))  # a training run's folder: its merged model
     validate(cfg)
     out = Path(cfg.output_dir).resolve()
-    check_manifest(out, config_fingerprint(cfg), cfg.overwrite)
+    check_resume(out, resume_settings(cfg), ("generations", "tokens"), overwrite=cfg.overwrite,
+                 redo_hint="overwrite=true to delete them")
     base, rl, tok_path, tiny = resolve_models(cfg, out)
     tokenizer = load_tokenizers(base, rl, tok_path)
     spec = WorkerSpec(
@@ -876,15 +764,14 @@ def run(cfg: DictConfig) -> dict[str, Path]:
         scoring=OmegaConf.to_container(cfg.scoring, resolve=True),
         show_progress=cfg.show_progress,
     )
-    executor = Executor(spec, OmegaConf.to_container(cfg.workers, resolve=True))
-    try:
+    pool = WorkerPool(functools.partial(AnalysisWorker, spec), cfg.ray, use_gpus=cfg.models.device != "cpu",
+                      show_progress=cfg.show_progress)
+    with pool:
         if cfg.input.source == "sample":
-            tasks = run_sampling(cfg, executor, load_prompts(cfg, tokenizer, tiny), out)
+            tasks = run_sampling(cfg, pool, load_prompts(cfg, tokenizer, tiny), out)
         else:
             tasks = plan_scoring_shards(load_file_records(cfg, tokenizer), cfg.sharding.responses_per_shard)
-        computed = run_scoring(cfg, executor, tasks, out)
-    finally:
-        executor.restart()
+        computed = run_scoring(pool, tasks, out)
     print(
         f"[analyze_logp_diff] {len(tasks)} shard(s), {len(computed)} computed now, {len(tasks) - len(computed)} reused"
     )

@@ -7,7 +7,7 @@
 A *run* is one (criterion, τ, γ, seed); it samples `n_samples` responses per problem, split into
 shards of `shard_problems` problems. A shard is generated, graded (`verl_ext.reward`) and written
 atomically to `<output_dir>/runs/<run>/shard-XXXXX.parquet`; shards already on disk are skipped,
-so a killed sweep resumes where it stopped. Then every run is aggregated (Avg@n and unbiased
+so a killed sweep resumes where it stopped (`manifest.json` refuses shards of other settings). Then every run is aggregated (Avg@n and unbiased
 Pass@k from `verl_ext.evaluation`, replace ratio = per-response fraction of fired steps averaged
 over responses) into results.parquet / results.json and the accuracy-vs-replace-ratio plot
 (one line per criterion; π_B and π_RL as reference lines). With `wandb.enable` (auto: WANDB_MODE
@@ -18,14 +18,15 @@ Thresholds are given per criterion, or calibrated to target replace ratios
 (`sweep.target_ratios`): τ starts at the score quantile observed under base sampling and is
 refined by a few fixed-point rounds on pilot runs (`calibration.json`, also resumable).
 
-Shards run in-process (CPU, or one GPU) or on a Ray actor pool with one actor per GPU
-(`ray.enabled=auto`: Ray when more than one GPU is visible or `ray.address` is set). Random
+Shards run in-process (CPU, or one GPU) or on a Ray actor pool with one actor per GPU (`verl_ext.jobs`;
+`ray.enabled=auto`: Ray when `ray.address` or RAY_ADDRESS is set or more than one GPU is visible). Random
 streams are keyed by (seed, problem·n + sample), so every criterion sees the same base draws
 (common random numbers) and results do not depend on sharding or batching.
 """
 
 from __future__ import annotations
 
+import functools
 import io
 import json
 import math
@@ -51,6 +52,7 @@ from verl_ext.core.checks import (
 from verl_ext.core.paths import config_dir
 from verl_ext.core.progress import job_size, size_line
 from verl_ext.decoding.criteria import ABOVE, BELOW, get_criterion
+from verl_ext.jobs import WorkerPool, check_ray, check_resume
 from verl_ext.wandb_logging import start_run, wandb_enabled
 
 BASELINES = (("none", 0.0), ("all", 0.0))  # π_B alone (ratio 0) and π_RL / π_Extra alone (ratio 1)
@@ -116,6 +118,16 @@ def plan_runs(cfg: DictConfig, calibrated: dict[str, list[float]] | None = None)
             for name, taus in thresholds.items():
                 runs += [RunSpec(name, float(t), gamma, seed) for t in taus]
     return list(dict.fromkeys(runs))
+
+
+@dataclass(frozen=True)
+class Shard:
+    """Problems [start, stop) of run `spec`, written to `path`."""
+
+    spec: RunSpec
+    start: int
+    stop: int
+    path: str
 
 
 def rule_for(cfg: DictConfig, spec: RunSpec):
@@ -191,10 +203,11 @@ class ShardWorker:
         results = self.decoder(spec, max_new_tokens).generate(reqs)
         return [(p, s, r) for (p, s), r in zip(keys, results)]
 
-    def run_shard(self, spec: RunSpec, start: int, stop: int, path: str) -> str:
+    def run_shard(self, shard: Shard) -> str:
         """Generate, grade and atomically write one shard; returns its path."""
         from verl_ext.evaluation.report import grade_records
 
+        spec, start, stop, path = shard.spec, shard.start, shard.stop, shard.path
         _, _, tok, problems, _ = self._load()
         n = self.cfg.n_samples
         rows = []
@@ -256,44 +269,6 @@ def load_models_and_problems(cfg: DictConfig):
     return base, rl, tok, problems, eos_token_ids(rl, tok)
 
 
-# ----------------------------------------------------------------------------- execution
-
-
-class InProcess:
-    def __init__(self, cfg: DictConfig):
-        self.worker = ShardWorker(OmegaConf.to_container(cfg, resolve=True))
-
-    def map(self, method: str, args: list[tuple]):
-        for a in args:
-            yield getattr(self.worker, method)(*a)
-
-
-class RayPool:
-    """One actor per GPU (or `ray.num_workers`), each holding both models."""
-
-    def __init__(self, cfg: DictConfig):
-        import ray
-        from ray.util import ActorPool
-
-        ray.init(address=cfg.ray.address, ignore_reinit_error=True)
-        gpus = int(ray.cluster_resources().get("GPU", 0))
-        n = cfg.ray.num_workers or max(gpus, 1)
-        actor = ray.remote(num_gpus=1 if gpus else 0)(ShardWorker)
-        container = OmegaConf.to_container(cfg, resolve=True)
-        self.pool = ActorPool([actor.remote(container) for _ in range(n)])
-
-    def map(self, method: str, args: list[tuple]):
-        return self.pool.map_unordered(lambda a, v: getattr(a, method).remote(*v), args)
-
-
-def use_ray(cfg: DictConfig) -> bool:
-    if cfg.ray.enabled == "auto":
-        import torch
-
-        return cfg.ray.address is not None or torch.cuda.device_count() > 1
-    return bool(cfg.ray.enabled)
-
-
 # ----------------------------------------------------------------------------- calibration
 
 
@@ -307,7 +282,7 @@ def quantile_threshold(scores: list[float], criterion: str, target: float) -> fl
     return float(np.quantile(np.asarray(scores), q))
 
 
-def calibrate(cfg: DictConfig, executor, out_dir: Path) -> dict[str, list[float]]:
+def calibrate(cfg: DictConfig, pool: WorkerPool, out_dir: Path) -> dict[str, list[float]]:
     """τ per criterion and target ratio, resumable from calibration.json."""
     path = out_dir / "calibration.json"
     done = json.loads(path.read_text()) if path.exists() else {}
@@ -326,10 +301,10 @@ def calibrate(cfg: DictConfig, executor, out_dir: Path) -> dict[str, list[float]
                 done[key] = {"threshold": target, "ratio": None}
                 continue
             never = math.inf if crit.fires_when == ABOVE else -math.inf
-            pilot = next(iter(executor.map("pilot", [(RunSpec(name, never, gamma, seed),)])))
+            pilot = pool.call(ShardWorker.pilot, RunSpec(name, never, gamma, seed))
             tau, best = quantile_threshold(pilot["scores"], name, target), None
             for _ in range(cfg.sweep.calibration.rounds):
-                pilot = next(iter(executor.map("pilot", [(RunSpec(name, tau, gamma, seed),)])))
+                pilot = pool.call(ShardWorker.pilot, RunSpec(name, tau, gamma, seed))
                 if best is None or abs(pilot["ratio"] - target) < abs(best[1] - target):
                     best = (tau, pilot["ratio"])
                 tau = quantile_threshold(pilot["scores"], name, target)
@@ -618,7 +593,7 @@ def validate(cfg: DictConfig) -> None:
                and not (cfg.sweep.target_ratios and c in cfg.sweep.calibrate_criteria)]
     if missing:
         raise SweepError(f"sweep.criteria {missing} have no thresholds: add them to 'sweep.thresholds={{<name>:[...]}}' or calibrate them")
-    check_number(cfg.ray.num_workers, "ray.num_workers", low=1, integer=True, allow_none=True)
+    check_ray(cfg.ray)
     check_writable_dir(cfg.output_dir, "output_dir")
     _check_model_paths(cfg)
     check_list(cfg.data.files or [], "data.files", lambda f, k: check_file(f, k, suffixes=(".parquet", ".jsonl", ".json")),
@@ -647,54 +622,23 @@ def shard_settings(cfg: DictConfig) -> dict:
             "shard_problems": plain["shard_problems"], "grading": plain["grading"]}
 
 
-def check_resumable(out_dir: Path, cfg: DictConfig) -> None:
-    """Refuse to mix shards made under other settings into this sweep's results."""
-    path = out_dir / "config.yaml"
-    if not path.exists() or not any((out_dir / "runs").glob("*/shard-*.parquet")):
-        return
-    old, new = shard_settings(OmegaConf.load(path)), shard_settings(cfg)
-    changed = [f"{section}: {old.get(section)} -> {new[section]}" for section in new if old.get(section) != new[section]]
-    if changed:
-        raise SweepError(
-            f"{out_dir} holds shards generated with other settings ({'; '.join(changed)}); resuming would mix "
-            f"them into these results. Use another output_dir, or delete {out_dir / 'runs'} to start over."
-        )
-
-
 def run(cfg: DictConfig) -> list[dict]:
-    from tqdm import tqdm
-
     from verl_ext.merge import resolve_config_paths
 
     resolve_config_paths(cfg, ("models.base", "models.rl", "models.tokenizer"))  # a training run's folder: its merged model
     validate(cfg)
     out_dir = Path(cfg.output_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    check_resumable(out_dir, cfg)
+    if not (out_dir / "manifest.json").exists() and (out_dir / "config.yaml").exists():  # a sweep from before the manifest
+        atomic_write_bytes(out_dir / "manifest.json", json.dumps(shard_settings(OmegaConf.load(out_dir / "config.yaml"))).encode())
+    check_resume(out_dir, shard_settings(cfg), ("runs",), redo_hint=f"delete {out_dir / 'runs'} to start over")
     atomic_write_bytes(out_dir / "config.yaml", OmegaConf.to_yaml(cfg, resolve=True).encode())
-    executor = RayPool(cfg) if use_ray(cfg) else InProcess(cfg)
-    calibrated = calibrate(cfg, executor, out_dir) if cfg.sweep.target_ratios else None
-    if calibrated is not None:
-        for name, taus in threshold_table(cfg).items():
-            calibrated.setdefault(name, []).extend(taus)
-    runs = plan_runs(cfg, calibrated)
-    num_problems = count_problems(cfg)
-    shards = [
-        (spec, a, b, str(out_dir / "runs" / spec.name / f"shard-{a:05d}.parquet"))
-        for spec in runs
-        for a, b in shard_ranges(num_problems, cfg.shard_problems)
-    ]
-    todo = [s for s in shards if not Path(s[3]).exists()]
-    print(f"[sweep] {len(runs)} runs × {num_problems} problems × {cfg.n_samples} samples: "
-          f"{len(shards)} shards, {len(shards) - len(todo)} already done", flush=True)
-    _, tokens = job_size(num_problems, cfg.n_samples, cfg.decoding.max_new_tokens)
-    print(f"[sweep] size: {len(runs)} runs x {size_line(num_problems, cfg.n_samples, cfg.decoding.max_new_tokens)} "
-          f"each (at most {len(runs) * tokens:,} tokens in all); the shard bar shows the time left", flush=True)
-    for _ in tqdm(executor.map("run_shard", todo), total=len(todo), desc="shards", disable=not cfg.show_progress):
-        pass
+    worker = functools.partial(ShardWorker, OmegaConf.to_container(cfg, resolve=True))
+    with WorkerPool(worker, cfg.ray, use_gpus=cfg.models.device != "cpu", show_progress=cfg.show_progress) as pool:
+        shards = generate_shards(cfg, pool, out_dir)
     import pandas as pd
 
-    rows = pd.concat([pd.read_parquet(s[3]) for s in shards], ignore_index=True)
+    rows = pd.concat([pd.read_parquet(s.path) for s in shards], ignore_index=True)
     summary = summarize(rows, list(cfg.pass_ks))
     write_parquet(out_dir / "results.parquet", summary)
     atomic_write_bytes(out_dir / "results.json", json.dumps(summary, indent=1).encode())
@@ -704,6 +648,29 @@ def run(cfg: DictConfig) -> list[dict]:
         print(f"[sweep] {row['run']}: accuracy={row['accuracy']:.4f} replace_ratio={row['replace_ratio']:.4f}")
     print(f"[sweep] wrote {out_dir}/results.parquet, results.json, accuracy_vs_replace_ratio.png", flush=True)
     return summary
+
+
+def generate_shards(cfg: DictConfig, pool: WorkerPool, out_dir: Path) -> list[Shard]:
+    """Calibrate (if asked), plan the runs and write their missing shards; returns every shard."""
+    calibrated = calibrate(cfg, pool, out_dir) if cfg.sweep.target_ratios else None
+    if calibrated is not None:
+        for name, taus in threshold_table(cfg).items():
+            calibrated.setdefault(name, []).extend(taus)
+    runs = plan_runs(cfg, calibrated)
+    num_problems = count_problems(cfg)
+    shards = [
+        Shard(spec, a, b, str(out_dir / "runs" / spec.name / f"shard-{a:05d}.parquet"))
+        for spec in runs
+        for a, b in shard_ranges(num_problems, cfg.shard_problems)
+    ]
+    todo = [s for s in shards if not Path(s.path).exists()]
+    print(f"[sweep] {len(runs)} runs × {num_problems} problems × {cfg.n_samples} samples: "
+          f"{len(shards)} shards, {len(shards) - len(todo)} already done", flush=True)
+    _, tokens = job_size(num_problems, cfg.n_samples, cfg.decoding.max_new_tokens)
+    print(f"[sweep] size: {len(runs)} runs x {size_line(num_problems, cfg.n_samples, cfg.decoding.max_new_tokens)} "
+          f"each (at most {len(runs) * tokens:,} tokens in all); the shard bar shows the time left", flush=True)
+    pool.map(ShardWorker.run_shard, todo, progress="shards")  # each worker writes its shard
+    return shards
 
 
 def count_problems(cfg: DictConfig) -> int:

@@ -302,7 +302,7 @@ def stage_analysis(cfg: DictConfig, out: Path) -> dict:
             "sampling.top_p=1.0",
             "models.device=cpu",
             "overwrite=true",
-            "workers.use_ray=false",
+            "ray.enabled=false",
             f"output_dir={out / 'analysis'}",
             f"show_progress={cfg.show_progress}",
         ],
