@@ -42,7 +42,7 @@ import time
 logger = logging.getLogger(__name__)
 
 DEFAULT_TIMEOUT_S = 5.0  # per answer, wall clock, Math-Verify's own default bound
-STARTUP_TIMEOUT_S = 120.0  # a worker importing sympy + Math-Verify (about 2 s on a laptop core)
+STARTUP_TIMEOUT_S = 120.0  # a worker importing sympy + Math-Verify (seconds)
 MAX_ANSWER_CHARS = 1000  # longer extracted answers are graded wrong without parsing
 MAX_BRACE_DEPTH = 32  # deeper brace nesting is graded wrong without parsing
 NUM_WORKERS_ENV = "VERL_EXT_GRADER_WORKERS"  # at most this many worker processes per process
@@ -332,7 +332,7 @@ class GraderPool:
     `max_workers`), so that the caller whose worker was just killed for a hanging answer does not wait
     for a replacement's start-up. A caller that gets no worker before its deadline is graded
     wrong (None). Until the first worker is ready the wait may last STARTUP_TIMEOUT_S instead: a
-    process's first start-up (about 2 s) is not an answer's fault. A killed worker is replaced in the
+    process's first start-up (seconds) is not an answer's fault. A killed worker is replaced in the
     background at once.
     """
 
@@ -512,7 +512,7 @@ def grade_answer(pred: str | None, ground_truth, timeout_s: float = DEFAULT_TIME
     with two accepted answers). Order: pre-checks (`is_gradable`), `quick_verdict`, then
     Math-Verify in a worker process killed after `timeout_s` seconds per accepted answer (a
     timeout or a crash grades the answer wrong). The time bound excludes the start-up of a
-    worker (about 2 s, once per process and after each kill). A `timeout_s` that is not a finite
+    worker (seconds, once per process and after each kill). A `timeout_s` that is not a finite
     number > 0 is a configuration error (ConfigError naming it), not a wrong answer.
     """
     from verl_ext.core.checks import check_number

@@ -7,7 +7,8 @@ the probability mass the nucleus kept, and 1 − Z the mass it cut. With top-p =
 to the numerical mismatch between the two engines.
 
 That mismatch is not small next to the masses a top-p of 0.95 cuts: a bf16 trainer against an fp32
-rollout reads 0.0014 mean, 0.025 max at top-p = 1. It is two-sided (d = log π_old − log π_rollout
+rollout reads about a thousandth on average, and a few hundredths at worst, at top-p = 1
+(docs/benchmarks.md). It is two-sided (d = log π_old − log π_rollout
 scatters around 0), while truncation is one-sided (a nucleus only raises π_rollout(y): d <= 0). So
 the tokens on the impossible side, d > 0, measure the noise in the same step: `mismatch_floor` =
 mean over tokens of max(0, 1 − exp(−d)), the cut mass the same noise reads with its sign flipped.

@@ -127,7 +127,7 @@ def preflight(config: DictConfig, dry_run: bool) -> list[str]:
     from verl_ext.training_checks import check_training_config
 
     with exit_on_config_error(PROG, CONFIG_ERRORS):
-        check_training_config(config)  # first, before verl is imported (~10 s): bad values fail in a second
+        check_training_config(config)  # first, before verl is imported (slow: all of torch and Ray): bad values fail at once
     try:
         warnings = check_inputs(config)
     except CONFIG_ERRORS as err:
@@ -299,7 +299,7 @@ def main(config: DictConfig) -> None:
 def verl_config_dir() -> Path:
     """verl's own config folder, found without importing verl.
 
-    hydra's `pkg://verl.trainer.config` imports verl (~10 s, all of torch and Ray) just to compose the
+    hydra's `pkg://verl.trainer.config` imports verl (all of torch and Ray) just to compose the
     config; a `file://` path to the same folder lets a bad setting fail in a second."""
     import importlib.util
 

@@ -144,7 +144,7 @@ def metrics_from_logits(
 
     On CPU the blocks are shared among `num_threads` Python threads (default: torch's intra-op
     thread count), each running single-threaded torch ops: on cache-sized blocks this avoids a
-    thread barrier per op (3× faster on a busy 2-core machine). torch's thread setting is restored.
+    thread barrier per op (`benchmarks/bench_token_metrics.py` measures it). torch's thread setting is restored.
     """
     if logits_base.shape != logits_rl.shape:
         raise ValueError(f"logit shapes differ: base {tuple(logits_base.shape)} vs RL {tuple(logits_rl.shape)}")

@@ -4,9 +4,8 @@ Two-model decoding attends through a mask as soon as rows differ in length (left
 speculative round was cut (masked-out cache columns, `experimental.py`). transformers' `sdpa` attention then repeats every KV
 head `num_key_value_groups` times before calling `scaled_dot_product_attention`, because on CUDA
 `enable_gqa` with a mask falls back to the slow math kernel; the CPU kernel takes the mask and
-`enable_gqa` together, and skipping the copies made the speculative rows of
-`benchmarks/bench_decoding.py` (8 × 64, batch 2) 6-8% faster (one attention call over 300 cached
-columns: 95 µs vs 232 µs). Everywhere else (no mask, CUDA, no grouped heads) this is transformers' `sdpa` itself.
+`enable_gqa` together, and skipping the copies is measurably faster (`benchmarks/bench_decoding.py`;
+numbers in docs/benchmarks.md). Everywhere else (no mask, CUDA, no grouped heads) this is transformers' `sdpa` itself.
 
 `cpu_grouped_query_attention(models)` switches models using `sdpa` to it for the duration of a
 `with` block (registered with transformers' attention and mask interfaces under `SDPA_GQA`).

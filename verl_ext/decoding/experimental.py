@@ -1,8 +1,7 @@
 """EXPERIMENTAL: exact speculative rounds for two-model decoding. Slower than step by step on a GPU.
 
-On an H200 (DESIGN.md §6: 1.5B shape, batch 32, ~10% replace ratio) every mode here decoded
-slower than the step-by-step loop of `engine.TwoModelDecoder` (455 tok/s): k = 8 drafts 229,
-H(π_B) gate 297, π_RL drafts 184. A round adds small kernels and host syncs per token, and the
+On a measured GPU (an H200 at the 1.5B shape; the numbers are in docs/decoding.md) every mode here
+decoded slower than the step-by-step loop of `engine.TwoModelDecoder`. A round adds small kernels and host syncs per token, and the
 GPU idles. They are kept, outside the main path, because they are exact and may pay where a
 scorer pass is expensive relative to a draft step; opt in with `SpeculativeTwoModelDecoder`
 (or `decoding.speculative=true` in the sweep configs).
@@ -44,9 +43,8 @@ max_k E[min(G,k)]/(k + c_S(k)/c_P) ≈ 0.69 even when c_S(k) = c_P (`speculative
 Drafting with the other model (`draft_model="scorer"`). Drafts from π_B are cut at rate at least
 TV(p_prop, m) per position, m the step's output law m(y) = p_prop(y)(1 − G(y)) + [Σ p_prop G]·q(y)
 (G(v) = P(fire | ŷ = v)), and the maximal coupling attains it. For Δlog p < τ the step moves the
-fired mass of π_B to π_RL, so m is often closer to π_RL: on the miniature's DAPO model vs its base
-at a 10% fire rate, TV(π_B, m) = 0.063 and TV(π_RL, m) = 0.030 per position
-(`benchmarks/bench_draft_stop_rates.py` prints both for any pair of models). So the scorer
+fired mass of π_B to π_RL, so m is often closer to π_RL (`benchmarks/bench_draft_stop_rates.py`
+prints both TVs for any pair of models; the miniature's pair: docs/benchmarks.md). So the scorer
 may draft instead (from its own sampling distribution, stream `rng.STREAM_SCORER_DRAFT`) and the
 proposer's one pass over the k drafts verifies them: y ~ m by speculative acceptance, cut at the
 first rejection, and the flag, ŷ and score drawn from their law given y (`latent_gate`).

@@ -2,7 +2,7 @@
 
 `TwoModelDecoder` (engine.py) grows a DynamicCache per step, builds masks, and picks the fired rows
 with `nonzero`: every token launches hundreds of small kernels from Python and waits on the host,
-so a GPU idles (DESIGN.md §6: 1.4% of the memory roofline). `StaticTwoModelDecoder` decodes the
+so a GPU idles (a small fraction of the memory roofline: docs/decoding.md). `StaticTwoModelDecoder` decodes the
 same step-by-step law with the same random streams, laid out so that the GPU needs no Python per
 token:
 
