@@ -68,6 +68,10 @@ BAD_VALUES = [
     (f"{A}.clip_ratio_c=0.5", f"{A}.clip_ratio_c=0.5 is invalid; valid: a number > 1"),
     (f"{A}.clip_ratio=nan", f"{A}.clip_ratio=nan is invalid; valid: a number in (0, 1)"),
     ("replay_buffer_poll_s=0", "replay_buffer_poll_s=0 is invalid; valid: a number > 0, or null"),
+    ("+reward.custom_reward_function.reward_kwargs.timeout_s=0",
+     "reward.custom_reward_function.reward_kwargs.timeout_s=0 is invalid; valid: a number > 0"),
+    ("+reward.custom_reward_function.reward_kwargs.timeout_s=nan",
+     "reward.custom_reward_function.reward_kwargs.timeout_s=nan is invalid; valid: a number > 0"),
 ]
 
 
@@ -81,6 +85,7 @@ def test_bad_setting_is_refused_naming_key_value_and_range(override, message):
 def test_the_presets_own_settings_pass():
     check_training_config(compose_training())
     check_training_config(compose_training(f"{R}.top_k=50", f"{R}.val_kwargs.temperature=0", f"{A}.clip_ratio_high=null"))
+    check_training_config(compose_training("+reward.custom_reward_function.reward_kwargs.timeout_s=2.5"))
 
 
 def _write(path: Path, columns: dict) -> str:

@@ -74,6 +74,11 @@ def check_training_config(config) -> None:
     check_clip_ratios(actor)
     poll_s = config.get("replay_buffer_poll_s")
     check_number(poll_s, "replay_buffer_poll_s", low=0, low_open=True, allow_none=True)
+    # verl passes these to verl_ext.reward.compute_score only at the first reward: check them now
+    reward_kwargs = ((config.get("reward") or {}).get("custom_reward_function") or {}).get("reward_kwargs") or {}
+    if "timeout_s" in reward_kwargs:
+        key = "reward.custom_reward_function.reward_kwargs.timeout_s"
+        check_number(reward_kwargs["timeout_s"], key, low=0, low_open=True)
 
 
 # ---------------------------------------------------------------------------------------- inputs
