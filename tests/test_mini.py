@@ -8,6 +8,7 @@ import os
 import subprocess
 from pathlib import Path
 
+import numpy as np
 import pytest
 from omegaconf import OmegaConf
 
@@ -19,17 +20,6 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 # ----------------------------------------------------------------------------- verdict rules
-
-
-def test_difference_verdict_uses_two_standard_errors():
-    # p = 0.5 vs 0.4 over 400 each: SE = sqrt(.25/400 + .24/400) = 0.035; Δ = 0.1 > 2 SE
-    status, diff, se = claims.difference_verdict(0.5, 400, 0.4, 400)
-    assert status == claims.REPRODUCED
-    assert diff == pytest.approx(0.1) and se == pytest.approx(math.sqrt(0.25 / 400 + 0.24 / 400))
-    assert claims.difference_verdict(0.4, 400, 0.5, 400)[0] == claims.CONTRADICTED
-    assert claims.difference_verdict(0.5, 40, 0.4, 40)[0] == claims.INCONCLUSIVE  # SE 0.11
-    with pytest.raises(ValueError, match="n_new=0"):
-        claims.difference_verdict(0.5, 0, 0.4, 10)
 
 
 def test_paired_bootstrap_on_known_inputs():
@@ -84,35 +74,41 @@ def test_extrapolation_gamma_is_chosen_on_one_half_and_scored_on_the_other():
     assert extrapolation_claim(pd.DataFrame(g1 + g5)).status == claims.INCONCLUSIVE  # no π_RL run
 
 
-def _row(criterion, ratio, acc, n=50, k=8):
-    return {
-        "criterion": criterion,
-        "replace_ratio": ratio,
-        "accuracy": acc,
-        "num_problems": n,
-        "samples_per_problem": k,
-    }
+def _run(criterion, ratio, per_problem):
+    return {"criterion": criterion, "replace_ratio": ratio, "problem_accuracy": list(per_problem)}
 
 
-def test_identification_claim_matches_ratios_by_rank():
-    rows = [
-        _row("delta_logp", 0.05, 0.60),
-        _row("delta_logp", 0.2, 0.70),
-        _row("random", 0.06, 0.40),
-        _row("random", 0.21, 0.45),
-        _row("avg_kl", 0.04, 0.50),
-        _row("avg_kl", 0.19, 0.72),
-        _row("none", 0.0, 0.3),
-        _row("all", 1.0, 0.8),
+def _accuracies(mean, problems=40, seed=0):
+    """Per-problem fractions correct around `mean` (8 samples per problem)."""
+    rng = np.random.default_rng(seed)
+    return rng.binomial(8, np.clip(rng.normal(mean, 0.25, problems), 0, 1)) / 8
+
+
+def test_identification_claim_compares_with_the_strongest_rival_per_matched_ratio():
+    low, mid, high = _accuracies(0.3), _accuracies(0.5, seed=1), _accuracies(0.8, seed=2)
+    runs = [
+        _run("delta_logp", 0.05, high), _run("delta_logp", 0.2, high),
+        _run("random", 0.06, low), _run("random", 0.21, low),
+        _run("avg_kl", 0.04, mid), _run("avg_kl", 0.19, mid),
+        _run("none", 0.0, low), _run("all", 1.0, high),
     ]
-    v = claims.identification_claim(rows)
-    # first at ratio 0.05; at 0.2 avg_kl wins by 2 points (within noise) -> 1/2 wins: not a majority
-    assert v.status == claims.INCONCLUSIVE and "first at 1/2" in v.evidence
-    rows[5] = _row("avg_kl", 0.19, 0.65)
-    assert claims.identification_claim(rows).status == claims.REPRODUCED
-    worse = [_row("delta_logp", 0.1, 0.3), _row("random", 0.1, 0.6)]
+    v = claims.identification_claim(runs)
+    assert v.status == claims.REPRODUCED and "above 0 at 2/2" in v.evidence and "vs avg_kl" in v.evidence
+    # the same per-problem accuracies on both sides: a zero difference, an interval around 0
+    runs[5] = _run("avg_kl", 0.19, high)
+    v = claims.identification_claim(runs)
+    assert v.status == claims.INCONCLUSIVE and "above 0 at 1/2" in v.evidence
+    worse = [_run("delta_logp", 0.1, low), _run("random", 0.1, high)]
     assert claims.identification_claim(worse).status == claims.CONTRADICTED
-    assert claims.identification_claim([_row("random", 0.1, 0.6)]).status == claims.INCONCLUSIVE
+    assert claims.identification_claim([_run("random", 0.1, low)]).status == claims.INCONCLUSIVE
+
+
+def test_identification_interval_is_the_paired_bootstrap_over_problems():
+    """The evidence's interval is paired_bootstrap of the per-problem differences (one 'seed' row)."""
+    mine, rival = _accuracies(0.55, seed=3), _accuracies(0.5, seed=4)
+    v = claims.identification_claim([_run("delta_logp", 0.1, mine), _run("entropy_base", 0.1, rival)])
+    mean, low, high = claims.paired_bootstrap([mine - rival])
+    assert f"{100 * mean:+.1f} pts [{100 * low:+.1f}, {100 * high:+.1f}]" in v.evidence
 
 
 def test_low_probability_claim_pools_bins_by_count():
@@ -241,3 +237,32 @@ def test_smoke_pipeline_runs_every_stage_and_reports(tmp_path):
     )
     assert again.returncode == 0, again.stdout[-3000:]
     assert again.stdout.count("done earlier, kept") == len(STAGES)
+
+
+def test_seed_band_is_the_t_interval_over_seeds_at_common_steps():
+    from scipy import stats
+
+    from verl_ext.mini.report import seed_band
+
+    curves = [[(1, 0.2), (2, 0.4), (3, 0.5)], [(1, 0.3), (2, 0.5)], [(1, 0.1), (2, 0.6), (4, 0.9)]]
+    steps, mean, low, high = seed_band(curves)
+    assert steps.tolist() == [1, 2]  # only the steps every seed logged
+    at2 = np.array([0.4, 0.5, 0.6])
+    half = stats.t.ppf(0.975, 2) * at2.std(ddof=1) / math.sqrt(3)
+    assert mean[1] == pytest.approx(0.5) and (low[1], high[1]) == (pytest.approx(0.5 - half), pytest.approx(0.5 + half))
+    assert seed_band(curves[:1]) is None and seed_band([[(1, 0.2)], [(2, 0.3)]]) is None
+
+
+def test_training_curves_figure_with_seeds(tmp_path):
+    from verl_ext.mini.report import plot_training_curves
+
+    rng = np.random.default_rng(0)
+    runs = {}
+    for scheme, lift in (("none", 0.0), ("lowprob", 0.05)):
+        for seed in (0, 1, 2):
+            acc = [(s, 0.3 + lift + 0.01 * s + rng.normal(0, 0.02)) for s in range(0, 41, 10)]
+            ent = [(s, 1.0 - 0.01 * s + rng.normal(0, 0.03)) for s in range(1, 41)]
+            runs[(scheme, seed)] = {"val-core/tiny_arith/acc/mean@4": acc, "actor/entropy": ent,
+                                    "response_length/mean": ent, "actor/reweight/weight_mean": ent}
+    path = plot_training_curves(runs, 4, tmp_path / "curves.png", caption="synthetic: 2 schemes × 3 seeds")
+    assert path.stat().st_size > 10_000

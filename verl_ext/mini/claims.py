@@ -7,11 +7,8 @@ the same problems and sampling seeds on both sides); the interval resamples seed
 with replacement (a two-stage bootstrap: both the training run and the choice of problems vary;
 samples of one problem stay together, so their correlation is respected). The verdict follows
 from the interval (`interval_status`): above 0 reproduced, below 0 the opposite, else
-inconclusive at this power.
-
-`difference_verdict` (used by the identification claim, which compares sweep rows) counts a
-difference when it exceeds `Z` standard errors, SE = sqrt(p1(1−p1)/n1 + p2(1−p2)/n2) over graded
-responses; samples of one problem are correlated, so this SE is optimistic.
+inconclusive at this power. The identification claim compares sweep runs of one model the same
+way, per matched replace ratio, with an interval over problems (`identification_claim`).
 """
 
 from __future__ import annotations
@@ -21,7 +18,6 @@ from dataclasses import dataclass
 
 import numpy as np
 
-Z = 2.0
 REPRODUCED, CONTRADICTED, INCONCLUSIVE = "reproduced", "not reproduced (opposite)", "inconclusive"
 
 
@@ -30,19 +26,6 @@ class Verdict:
     claim: str
     status: str
     evidence: str
-
-
-def difference_verdict(p_new: float, n_new: int, p_ref: float, n_ref: int, z: float = Z) -> tuple[str, float, float]:
-    """(status, p_new − p_ref, SE): REPRODUCED when p_new − p_ref > z·SE, CONTRADICTED when < −z·SE."""
-    if n_new < 1 or n_ref < 1:
-        raise ValueError(f"need at least one graded response on each side, got n_new={n_new}, n_ref={n_ref}")
-    diff = p_new - p_ref
-    se = math.sqrt(p_new * (1 - p_new) / n_new + p_ref * (1 - p_ref) / n_ref)
-    if diff > z * se:
-        return REPRODUCED, diff, se
-    if diff < -z * se:
-        return CONTRADICTED, diff, se
-    return INCONCLUSIVE, diff, se
 
 
 def paired_bootstrap(diffs, resamples: int = 4000, level: float = 0.95, seed: int = 0) -> tuple[float, float, float]:
@@ -89,42 +72,53 @@ def paired_accuracy_claim(claim: str, new: str, new_acc, ref: str, ref_acc, leve
     return Verdict(claim, interval_status(low, high), evidence)
 
 
-def identification_claim(rows: list[dict], best: str = "delta_logp") -> Verdict:
+def identification_claim(runs: list[dict], best: str = "delta_logp", level: float = 0.95) -> Verdict:
     """Selective replacement: at matched replace ratios, the Δlog p gate gives the highest accuracy.
 
-    `rows`: sweep summary rows (criterion, replace_ratio, accuracy, num_problems, samples_per_problem)
-    of the calibrated runs. Runs are matched by rank of replace ratio within each criterion (the
-    calibration targets the same ratios for every criterion). REPRODUCED when `best` is first at
-    more than half of the matched ratios and never significantly below another criterion.
+    `runs`: the calibrated sweep runs, each {criterion, replace_ratio, problem_accuracy}: the fractions
+    correct per problem, the same problems in the same order for every run. Runs are matched by rank of
+    replace ratio within each criterion (the calibration targets the same ratios for every criterion).
+    At each matched ratio, `best` is compared with its strongest rival there (the other criterion with
+    the highest accuracy) by the paired interval of the per-problem difference (`paired_bootstrap`
+    over problems). REPRODUCED when that interval lies above 0 at more than half of the ratios and
+    below 0 at none; not reproduced when below 0 at more than half and above at none; else inconclusive.
     """
-    by_criterion: dict[str, list[dict]] = {}
-    for row in rows:
-        if row["criterion"] in ("none", "all"):
-            continue
-        by_criterion.setdefault(row["criterion"], []).append(row)
-    if best not in by_criterion or len(by_criterion) < 2:
-        return Verdict("Δlog p identifies the tokens that matter", INCONCLUSIVE, "not enough criteria were run")
-    for runs in by_criterion.values():
-        runs.sort(key=lambda r: r["replace_ratio"])
-    levels = min(len(v) for v in by_criterion.values())
-    wins, worse, parts = 0, 0, []
-    for i in range(levels):
-        at = {c: runs[i] for c, runs in by_criterion.items()}
-        winner = max(at, key=lambda c: at[c]["accuracy"])
-        wins += winner == best
-        mine = at[best]
-        n = mine["num_problems"] * mine["samples_per_problem"]
-        for c, r in at.items():
-            if c != best and difference_verdict(mine["accuracy"], n, r["accuracy"], n)[0] == CONTRADICTED:
-                worse += 1
-        parts.append(f"ratio≈{mine['replace_ratio']:.2f}: best {winner} ({100 * at[winner]['accuracy']:.1f}%)")
-    status = REPRODUCED if wins * 2 > levels and worse == 0 else (CONTRADICTED if wins == 0 and worse else INCONCLUSIVE)
-    return Verdict(
+    claim = (
         "Replacing the few tokens with the most negative Δlog p recovers the RL model's accuracy better "
-        "than entropy-, KL- or randomly-chosen tokens at the same replace ratio",
-        status,
-        f"Δlog p first at {wins}/{levels} matched ratios; " + "; ".join(parts),
+        "than entropy-, KL- or randomly-chosen tokens at the same replace ratio"
     )
+    by_criterion: dict[str, list[dict]] = {}
+    for run in runs:
+        if run["criterion"] not in ("none", "all"):
+            by_criterion.setdefault(run["criterion"], []).append(run)
+    if best not in by_criterion or len(by_criterion) < 2:
+        return Verdict(claim, INCONCLUSIVE, "not enough criteria were run")
+    for ranked in by_criterion.values():
+        ranked.sort(key=lambda r: r["replace_ratio"])
+    levels = min(len(v) for v in by_criterion.values())
+    above, below, parts = 0, 0, []
+    for i in range(levels):
+        mine = np.asarray(by_criterion[best][i]["problem_accuracy"], np.float64)
+        rivals = {c: np.asarray(ranked[i]["problem_accuracy"], np.float64) for c, ranked in by_criterion.items() if c != best}
+        rival = max(rivals, key=lambda c: rivals[c].mean())
+        mean, low, high = paired_bootstrap([mine - rivals[rival]], level=level)
+        status = interval_status(low, high)
+        above, below = above + (status == REPRODUCED), below + (status == CONTRADICTED)
+        parts.append(
+            f"ratio≈{by_criterion[best][i]['replace_ratio']:.2f}: Δlog p {100 * mine.mean():.1f}% vs {rival} "
+            f"{100 * rivals[rival].mean():.1f}%, {100 * mean:+.1f} pts [{100 * low:+.1f}, {100 * high:+.1f}]"
+        )
+    if above * 2 > levels and below == 0:
+        status = REPRODUCED
+    elif below * 2 > levels and above == 0:
+        status = CONTRADICTED
+    else:
+        status = INCONCLUSIVE
+    evidence = (
+        f"Δlog p − strongest other criterion, {level:.0%} CI over {len(mine)} problems, above 0 at {above}/{levels} "
+        f"and below 0 at {below}/{levels} matched ratios; " + "; ".join(parts)
+    )
+    return Verdict(claim, status, evidence)
 
 
 def low_probability_claim(bins: list[dict], raised_above: float = 0.5, flat_within: float = 0.1) -> Verdict:
