@@ -203,6 +203,104 @@ def test_generate_then_grade_on_tiny_model(tmp_path):
     assert "mean length (tokens)" in (tmp_path / "results.md").read_text()
 
 
+def _tiny_generate_cfg(out, *extra):
+    from verl_ext.tiny_assets import ensure_tiny_assets
+
+    assets = ensure_tiny_assets()
+    return _compose([
+        f"model.path={assets.model_dir}", "model.backend=hf", "model.device=cpu",
+        f"data.files=[{assets.val_parquet}]", "data.max_problems=5",
+        "sampling.n=2", "sampling.max_new_tokens=6", "sampling.batch_size=4", "sampling.seed=3",
+        "metrics.pass_ks=[1]", f"output_dir={out}", "show_progress=false", "grader.num_workers=1", *extra,
+    ])
+
+
+def _generations(out) -> list[dict]:
+    return [json.loads(line) for line in (out / "generations.jsonl").read_text().splitlines()]
+
+
+def test_generation_in_one_shard_draws_what_unsharded_sampling_draws(tmp_path):
+    """shard_problems >= the problems: shard 0 samples with the run's own seed, as before sharding."""
+    from transformers import AutoTokenizer
+
+    from verl_ext.core.models import load_hf_model
+    from verl_ext.core.prompts import encode_messages
+    from verl_ext.evaluation.command import load_problems, run
+    from verl_ext.generation import sample_responses
+
+    cfg = _tiny_generate_cfg(tmp_path, "shard_problems=5")
+    run(cfg)
+    problems = load_problems(list(cfg.data.files), 5)
+    tok = AutoTokenizer.from_pretrained(cfg.model.path)
+    gens = sample_responses(load_hf_model(cfg.model.path, "cpu"), tok,
+                            [encode_messages(tok, p["messages"], True) for p in problems], 2,
+                            temperature=1.0, top_p=0.7, top_k=-1, max_new_tokens=6, seed=3, batch_size=4,
+                            show_progress=False)
+    assert [g["response"] for g in _generations(tmp_path)] == [g.response_text for g in gens]
+    assert [g["prompt_id"] for g in _generations(tmp_path)] == [problems[g.prompt_index]["prompt_id"] for g in gens]
+    assert sorted(p.name for p in (tmp_path / "generations").iterdir()) == ["shard-00000.parquet"]
+
+
+def test_generation_resumes_shard_by_shard_and_refuses_other_settings(tmp_path, monkeypatch, capsys):
+    """5 problems in shards of 2: an interrupted run keeps its finished shards, the rerun samples only
+    the missing one and ends with the uninterrupted run's records; other settings in the same folder
+    are refused naming the key; overwrite=true starts over."""
+    from verl_ext.evaluation import generate
+    from verl_ext.evaluation.command import run
+    from verl_ext.jobs import ResumeError
+
+    whole = tmp_path / "whole"
+    run(_tiny_generate_cfg(whole, "shard_problems=2"))
+    assert sorted(p.name for p in (whole / "generations").iterdir()) == [f"shard-0000{i}.parquet" for i in range(3)]
+    expected = _generations(whole)
+    assert len(expected) == 5 * 2 and len({r["prompt_id"] for r in expected}) == 5
+
+    real, calls, ctrl_c = generate.EvalWorker.generate, [], [True]
+
+    def interrupted(worker, shard):
+        calls.append(shard.index)
+        if shard.index == 2 and ctrl_c[0]:
+            raise KeyboardInterrupt  # Ctrl-C during the last shard
+        return real(worker, shard)
+
+    out = tmp_path / "resumed"
+    monkeypatch.setattr(generate.EvalWorker, "generate", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        run(_tiny_generate_cfg(out, "shard_problems=2"))
+    assert sorted(p.name for p in (out / "generations").iterdir()) == ["shard-00000.parquet", "shard-00001.parquet"]
+    assert not (out / "results.json").exists()
+    calls.clear()
+    ctrl_c[0] = False
+    capsys.readouterr()
+    run(_tiny_generate_cfg(out, "shard_problems=2"))
+    assert calls == [2], "only the missing shard is sampled again"
+    assert "3 shard(s): 1 generated now, 2 reused" in capsys.readouterr().out
+    assert _generations(out) == expected
+
+    with pytest.raises(ResumeError, match=r"\(sampling.seed: 3 -> 4\); .*overwrite=true to delete them"):
+        run(_tiny_generate_cfg(out, "shard_problems=2", "sampling.seed=4"))
+    with pytest.raises(ResumeError, match=r"shard_problems: 2 -> 3"):
+        run(_tiny_generate_cfg(out, "shard_problems=3"))
+    calls.clear()
+    run(_tiny_generate_cfg(out, "shard_problems=3", "overwrite=true"))
+    assert calls == [0, 1] and sorted(p.name for p in (out / "generations").iterdir()) == [
+        "shard-00000.parquet", "shard-00001.parquet"]
+    assert [r["prompt_id"] for r in _generations(out)] == [r["prompt_id"] for r in expected]
+
+
+def test_generation_on_ray_actors_matches_in_process(tmp_path):
+    """ray.enabled=true, 2 CPU actors: the same records as in this process (draws are keyed by shard)."""
+    ray = pytest.importorskip("ray")
+    from verl_ext.evaluation.command import run
+
+    if ray.is_initialized():
+        ray.shutdown()
+    run(_tiny_generate_cfg(tmp_path / "local", "shard_problems=2"))
+    run(_tiny_generate_cfg(tmp_path / "ray", "shard_problems=2", "ray.enabled=true", "ray.num_workers=2"))
+    assert not ray.is_initialized(), "the pool shuts down the Ray runtime it started"
+    assert _generations(tmp_path / "ray") == _generations(tmp_path / "local")
+
+
 def test_generate_checks_k_before_sampling(tmp_path):
     from verl_ext.evaluation.command import EvaluationError, run
 
@@ -269,6 +367,9 @@ def test_bad_wandb_enable_is_refused_before_grading(tmp_path):
         (["model.path=./models/qwen"], "model.path='./models/qwen': no such model directory"),
         (["data.files=[]"], "data.files is empty"),
         (["data.max_problems=0"], "data.max_problems=0 is invalid"),
+        (["shard_problems=0"], "shard_problems=0 is invalid; valid: an integer >= 1"),
+        (["overwrite=maybe"], "overwrite='maybe' is invalid; valid"),
+        (["ray.enabled=sometimes"], "ray.enabled='sometimes' is invalid; valid: auto, True, False"),
     ],
 )
 def test_bad_settings_are_refused_before_any_model_loads(tmp_path, overrides, message, monkeypatch):

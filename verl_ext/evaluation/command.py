@@ -5,8 +5,10 @@
     # (b) generate with a model, then grade (paper defaults: 32 samples, temperature 1.0, top-p 0.7)
     bash scripts/evaluate.sh model.path=/models/Qwen2.5-Math-7B data.files=[data/prepared/aime24.parquet]
 
-`mode=auto` grades when `generations` is set and generates otherwise. Outputs under
-`output_dir`: generations.jsonl (mode generate), per_problem.jsonl, results.json, results.md;
+`mode=auto` grades when `generations` is set and generates otherwise. Generation runs on the shared
+job runner (`verl_ext.evaluation.generate`: shards of problems, in-process or on Ray, resumable).
+Outputs under `output_dir`: generations/shard-*.parquet and generations.jsonl (mode generate),
+per_problem.jsonl, results.json, results.md;
 to wandb as well when WANDB_MODE or WANDB_API_KEY is set (`verl_ext.wandb_logging`: the training's
 project and group by default).
 """
@@ -31,6 +33,7 @@ from verl_ext.core.checks import (
     read_jsonl,
 )
 from verl_ext.core.paths import config_dir
+from verl_ext.jobs import check_ray
 from verl_ext.evaluation.report import (
     aggregate,
     grade_records,
@@ -200,47 +203,51 @@ def validate(cfg: DictConfig) -> str:
     except ConfigError as err:
         raise ConfigError(f"{err} (bash scripts/prepare_data.sh writes the AIME and AMC files)") from None
     check_number(cfg.data.max_problems, "data.max_problems", low=1, integer=True, allow_none=True)
+    check_number(cfg.shard_problems, "shard_problems", low=1, integer=True)
+    check_choice(cfg.overwrite, "overwrite", (True, False))
+    check_ray(cfg.ray)
     return mode
 
 
-def generate_records(cfg: DictConfig) -> list[dict]:
-    """Sample `sampling.n` responses per problem of `data.files` with `model.path`: generation records."""
-    from transformers import AutoTokenizer
+def resume_settings(cfg: DictConfig, backend: str) -> dict:
+    """What decides a generation shard's contents (`jobs.check_resume`): model, data, sampling, sharding."""
+    plain = OmegaConf.to_container(cfg, resolve=True)
+    return {"model": {**plain["model"], "backend": backend}, "data": plain["data"], "sampling": plain["sampling"],
+            "shard_problems": plain["shard_problems"]}
 
-    from verl_ext.core.models import load_hf_model
+
+def generate_records(cfg: DictConfig) -> list[dict]:
+    """Sample `sampling.n` responses per problem of `data.files` with `model.path`: generation records,
+    by shards of `shard_problems` problems under `<output_dir>/generations/` (missing shards only)."""
     from verl_ext.core.progress import size_line
-    from verl_ext.core.prompts import encode_messages
-    from verl_ext.generation import resolve_backend, sample_responses
+    from verl_ext.evaluation.generate import EvalSpec, generate_all
+    from verl_ext.generation import resolve_backend
+    from verl_ext.jobs import check_resume
 
     if not cfg.model.path:
         raise EvaluationError("model.path is not set (or pass generations=<file> to grade existing generations)")
     check_ks(cfg, cfg.sampling.n)
     problems = load_problems(list(cfg.data.files), cfg.data.max_problems)
     backend = resolve_backend(cfg.model.backend)
+    output_dir = Path(cfg.output_dir)
+    check_resume(output_dir, resume_settings(cfg, backend), ("generations",), overwrite=cfg.overwrite,
+                 redo_hint="overwrite=true to delete them")
     print(f"[evaluate] size: {size_line(len(problems), cfg.sampling.n, cfg.sampling.max_new_tokens)} "
           f"(backend {backend}); the time left is printed after the first batch", flush=True)
-    tokenizer = AutoTokenizer.from_pretrained(cfg.model.tokenizer or cfg.model.path)
-    prompts = [encode_messages(tokenizer, p["messages"], cfg.model.use_chat_template) for p in problems]
-    model = load_hf_model(cfg.model.path, cfg.model.device, cfg.model.dtype) if backend == "hf" else cfg.model.path
-    s = cfg.sampling
-    generations = sample_responses(
-        model, tokenizer, prompts, s.n, temperature=s.temperature, top_p=s.top_p, top_k=s.top_k,
-        max_new_tokens=s.max_new_tokens, seed=s.seed, batch_size=s.batch_size, backend=backend,
-        device=cfg.model.device, show_progress=cfg.show_progress,
+    print(f"[evaluate] generations go to {output_dir / 'generations'} shard by shard; an interrupted run "
+          f"resumes with output_dir={output_dir}", flush=True)
+    spec = EvalSpec(
+        model=str(cfg.model.path), tokenizer=str(cfg.model.tokenizer or cfg.model.path), backend=backend,
+        device=cfg.model.device, dtype=cfg.model.dtype, use_chat_template=bool(cfg.model.use_chat_template),
+        sampling={k: cfg.sampling[k] for k in ("n", "temperature", "top_p", "top_k", "max_new_tokens", "seed",
+                                                "batch_size")},
+        show_progress=bool(cfg.show_progress),
     )
-    return [
-        {
-            "data_source": problems[g.prompt_index]["data_source"],
-            "prompt_id": problems[g.prompt_index]["prompt_id"],
-            "sample_index": g.sample_index,
-            "ground_truth": problems[g.prompt_index]["ground_truth"],
-            "accepted_answers": problems[g.prompt_index]["accepted_answers"],
-            "response": g.response_text,
-            "response_length": len(g.response_ids),
-            "finish_reason": g.finish_reason,
-        }
-        for g in generations
-    ]
+    records, generated = generate_all(spec, problems, cfg.shard_problems, output_dir / "generations", cfg.ray,
+                                      bool(cfg.show_progress))
+    shards = -(-len(problems) // cfg.shard_problems)
+    print(f"[evaluate] {shards} shard(s): {generated} generated now, {shards - generated} reused", flush=True)
+    return records
 
 
 def run(cfg: DictConfig) -> dict:

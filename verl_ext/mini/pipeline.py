@@ -273,6 +273,7 @@ def stage_evaluate(cfg: DictConfig, out: Path) -> dict:
                 f"sampling.max_new_tokens={cfg.task.max_new_tokens}",
                 f"sampling.seed={cfg.seed}",
                 "sampling.batch_size=256",
+                f"shard_problems={cfg.task.eval_problems}",  # one shard: the draws of the recorded runs
                 "model.backend=hf",
                 "model.device=cpu",
                 f"metrics.pass_ks={listing(e.pass_ks)}",
