@@ -1,4 +1,4 @@
-"""One job runner for the offline commands (Δlog p analysis, decoding sweeps): workers that hold the
+"""One job runner for the offline commands (Δlog p analysis, decoding sweeps, evaluation): workers that hold the
 models, run in this process or as Ray actors, and one resume manifest.
 
     pool = WorkerPool(functools.partial(ShardWorker, settings), cfg.ray, use_gpus=device != "cpu")
