@@ -137,14 +137,15 @@ def test_prepare_data_command(tmp_path):
     env = {**os.environ, "PYTHON": sys.executable}
     script = str(REPO / "scripts" / "prepare_data.sh")
     run = {"capture_output": True, "text": True, "env": env, "timeout": 120}
-    ok = subprocess.run(["bash", script], check=False, cwd=tmp_path, **run)
+    ok = subprocess.run(["bash", script, f"raw_dir={SHARED_DATA}"], check=False, cwd=tmp_path, **run)
     assert ok.returncode == 0, ok.stderr[-2000:]
     out = tmp_path / "data" / "prepared"
     assert "aime_2021_2024: 102 rows" in ok.stdout and "amc_2022_2023: 83 rows" in ok.stdout
     assert "1 skipped" in ok.stdout and "aime_2021_2024.jsonl line 7: no answer" in ok.stdout
     assert sorted(p.name for p in out.iterdir()) == [
         "aime_2021_2024.parquet", "aime_2021_2024.skipped.json", "amc_2022_2023.parquet"]
-    failed = subprocess.run(["bash", script, f"output_dir={tmp_path / 'strict'}", "on_invalid=error"], check=False, **run)
+    failed = subprocess.run(["bash", script, f"raw_dir={SHARED_DATA}", f"output_dir={tmp_path / 'strict'}",
+                             "on_invalid=error"], check=False, **run)
     assert failed.returncode == 2 and "aime_2021_2024.jsonl line 7: no answer" in failed.stderr
     assert "Traceback" not in failed.stderr
 
@@ -182,3 +183,25 @@ def test_missing_input_names_the_key(tmp_path):
     assert proc.returncode == 2
     assert proc.stderr.strip() == (
         "[prepare_data] error: datasets.aime_2021_2024.path='/nonexistent/aime.jsonl': no such file or folder")
+
+
+def test_default_datasets_come_from_raw_dir_inside_the_working_folder(tmp_path):
+    """No default path outside the repository: the default files are read from data/raw (relative to the
+    working folder), and their absence is one line saying how to supply them."""
+    env = {**os.environ, "PYTHON": sys.executable}
+    script = str(REPO / "scripts" / "prepare_data.sh")
+    proc = subprocess.run(["bash", script], cwd=tmp_path, capture_output=True, text=True, env=env, timeout=120,
+                          check=False)
+    assert proc.returncode == 2
+    assert proc.stderr.strip() == (
+        "[prepare_data] error: datasets.aime_2021_2024.path='data/raw/aime_2021_2024.jsonl': no such file or folder; "
+        "the default datasets are read from raw_dir='data/raw' (relative to this folder): copy aime_2021_2024.jsonl "
+        "there, give raw_dir=<the folder that has it>, or drop it with ~datasets.aime_2021_2024")
+    raw = tmp_path / "data" / "raw"
+    raw.mkdir(parents=True)
+    for path in (AIME, AMC):
+        (raw / path.name).write_bytes(path.read_bytes())
+    ok = subprocess.run(["bash", script], cwd=tmp_path, capture_output=True, text=True, env=env, timeout=120,
+                        check=False)
+    assert ok.returncode == 0, ok.stderr[-2000:]
+    assert "aime_2021_2024: 102 rows" in ok.stdout and "amc_2022_2023: 83 rows" in ok.stdout

@@ -1,6 +1,6 @@
 """Convert math datasets (DAPO-Math-17k, AIME, AMC, MATH-500, ...) into verl's RL parquet format.
 
-    bash scripts/prepare_data.sh                                   # the AIME + AMC files in shared/data
+    bash scripts/prepare_data.sh raw_dir=../shared/data            # the AIME + AMC files in that folder
     bash scripts/prepare_data.sh +datasets.math500.path=/data/math500.jsonl +datasets.math500.data_source=math500
     bash scripts/prepare_data.sh on_invalid=skip output_dir=data/eval
 
@@ -37,8 +37,6 @@ from verl_ext.core.checks import ConfigError, check_choice, check_writable_dir, 
 from verl_ext.core.paths import config_dir
 from verl_ext.core.prompts import PROMPT_SUFFIX, format_problem
 
-# the default datasets' folder, next to the checkout (issue 20 item 4: still a default outside the repository)
-SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 PROBLEM_KEYS = ("problem", "question", "Problem", "Question", "prompt")
 ANSWER_KEYS = ("answer", "Answer", "final_answer", "ground_truth", "reward_model", "solution", "Solution")
 ID_KEYS = ("id", "ID", "unique_id", "problem_id")
@@ -370,11 +368,13 @@ def prepare_dataset(
 # ----------------------------------------------------------------------------- command
 
 
-def _register_resolvers() -> None:
-    from omegaconf import OmegaConf
-
-    if not OmegaConf.has_resolver("shared_data"):
-        OmegaConf.register_new_resolver("shared_data", lambda name: str(SHARED_DATA / name))
+def _raw_dir_hint(cfg, name: str, path: str) -> str:
+    """How to supply a default dataset's file when `raw_dir` lacks it (they are not shipped)."""
+    raw_dir = str(cfg.get("raw_dir") or "")
+    if not raw_dir or Path(path).parent != Path(raw_dir):
+        return ""
+    return (f"; the default datasets are read from raw_dir={raw_dir!r} (relative to this folder): copy "
+            f"{Path(path).name} there, give raw_dir=<the folder that has it>, or drop it with ~datasets.{name}")
 
 
 def run(cfg) -> list[PreparedDataset]:
@@ -395,7 +395,8 @@ def run(cfg) -> list[PreparedDataset]:
         if not spec.get("path"):
             raise DataPrepError(f"datasets.{name}.path is not set")
         if not Path(str(spec["path"])).exists() and not _HUB_ID.fullmatch(str(spec["path"])):
-            raise DataPrepError(f"datasets.{name}.path={str(spec['path'])!r}: no such file or folder")
+            raise DataPrepError(f"datasets.{name}.path={str(spec['path'])!r}: no such file or folder"
+                                + _raw_dir_hint(cfg, name, str(spec["path"])))
         result = prepare_dataset(
             name, spec["path"], cfg.output_dir, data_source=spec.get("data_source"), split=spec.get("split", "test"),
             suffix=cfg.suffix, prompt_style=spec.get("prompt_style", "suffix"), keep=spec.get("keep"),
@@ -409,9 +410,6 @@ def run(cfg) -> list[PreparedDataset]:
             print(f"[prepare_data] {name}: skipped {row}")
         results.append(result)
     return results
-
-
-_register_resolvers()
 
 
 @hydra.main(version_base=None, config_path=str(config_dir()), config_name="prepare_data")
