@@ -10,6 +10,11 @@ from pathlib import Path
 
 import pytest
 
+# Helper modules of this folder (`decoding_reference`) are imported by name: the tests run with
+# --import-mode=importlib, which does not put this folder on sys.path.
+if str(Path(__file__).parent) not in sys.path:
+    sys.path.insert(0, str(Path(__file__).parent))
+
 _BLOCK = 32768  # wandb's transaction log is a LevelDB-style log of 32 KiB blocks
 _HEADER = 7  # record header: crc32 (4) + length (2, little endian) + type (1)
 _FULL, _FIRST, _MIDDLE, _LAST = 1, 2, 3, 4
@@ -110,3 +115,14 @@ def console_step_metrics(log: str) -> dict[int, dict[str, float]]:
 def step_metrics():
     """`step_metrics(console_log) -> {step: {metric: value}}` (see console_step_metrics)."""
     return console_step_metrics
+
+
+@pytest.fixture
+def one_torch_thread():
+    """torch on one thread for the test (tiny matrices: more threads only add contention)."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

@@ -1,17 +1,26 @@
 """EXPERIMENTAL speculative rounds (`verl_ext/decoding/experimental.py`) against the step loop.
 
 Proposer-drafted rounds of any length (and the adaptive length) must give the cache-free
-reference's tokens, i.e. the step loop's (`test_decoding_engine.reference_decode`); scorer-drafted
+reference's tokens, i.e. the step loop's (`decoding_reference.reference_decode`); scorer-drafted
 rounds the step loop's law (chi-square over whole sequences). Plus the cost model.
 """
-
-import importlib.util
-import random
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from decoding_reference import (
+    EOS,
+    PAD,
+    PROMPTS,
+    PROPOSER_ONLY,
+    REQUESTS,
+    RULES,
+    _sequence_histograms,
+    check_batched_equals_unbatched,
+    make_models,
+    np_fires,
+    reference_decode,
+)
 from scipy import stats
 
 from verl_ext.decoding import engine, experimental
@@ -24,22 +33,7 @@ from verl_ext.decoding.experimental import (
 )
 from verl_ext.decoding.sampler import DecodingRule
 
-# the step loop's reference, models and rules (tests import by path: `--import-mode=importlib`)
-_spec = importlib.util.spec_from_file_location("_engine_tests", Path(__file__).with_name("test_decoding_engine.py"))
-_engine_tests = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(_engine_tests)
-EOS, PAD, PROMPTS, REQUESTS, RULES = (_engine_tests.EOS, _engine_tests.PAD, _engine_tests.PROMPTS,
-                                      _engine_tests.REQUESTS, _engine_tests.RULES)
-PROPOSER_ONLY, make_models, np_fires = _engine_tests.PROPOSER_ONLY, _engine_tests.make_models, _engine_tests.np_fires
-reference_decode, _sequence_histograms = _engine_tests.reference_decode, _engine_tests._sequence_histograms
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")
@@ -129,18 +123,7 @@ def test_speculative_equals_step_by_step_in_every_statistic(models):
 
 
 def test_batched_equals_unbatched_whatever_the_batch(models):
-    base, rl = models
-    rule = RULES["delta_logp"]
-    alone = [decoder(base, rl, rule, seed=3, draft_len=3, max_batch_size=1).generate([r])[0] for r in REQUESTS]
-    shuffled = REQUESTS[:]
-    random.Random(0).shuffle(shuffled)
-    for batch, admit in ((2, 1), (6, None), (4, 3)):
-        res = decoder(base, rl, rule, seed=3, draft_len=3, max_batch_size=batch, admit_min=admit).generate(shuffled)
-        by_stream = {r.stream_id: x for r, x in zip(shuffled, res)}
-        for req, ref in zip(REQUESTS, alone):
-            got = by_stream[req.stream_id]
-            assert (got.tokens, got.replaced) == (ref.tokens, ref.replaced)
-            np.testing.assert_allclose(got.scores, ref.scores, rtol=1e-9, atol=1e-12)
+    check_batched_equals_unbatched(lambda rule, **kw: decoder(*models, rule, draft_len=3, **kw))
 
 
 def test_speculative_matches_the_step_loop_in_distribution():

@@ -10,6 +10,7 @@ import math
 import numpy as np
 import pytest
 import torch
+from decoding_reference import np_nucleus, np_softmax
 from scipy import stats
 
 from verl_ext.core import rng
@@ -40,25 +41,6 @@ def py_splitmix64(x: int) -> int:
     z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & M64
     z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & M64
     return z ^ (z >> 31)
-
-
-def np_softmax(z):
-    z = np.asarray(z, dtype=np.float64)
-    e = np.exp(z - z.max())
-    return e / e.sum()
-
-
-def np_nucleus(p, top_p):
-    """Keep the most probable tokens until their mass reaches top_p (ties broken by index)."""
-    order = sorted(range(len(p)), key=lambda i: (-p[i], i))
-    keep, mass = np.zeros(len(p), dtype=bool), 0.0
-    for i in order:
-        if mass >= top_p:
-            break
-        keep[i] = True
-        mass += p[i]
-    q = np.where(keep, p, 0.0)
-    return q / q.sum()
 
 
 def law_two_stage(lb, lr, g, rule):

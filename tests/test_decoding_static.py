@@ -2,20 +2,28 @@
 
 - `decode_forward` / `prefill` against transformers' own cache-free forward of each sequence.
 - `StaticTwoModelDecoder` against today's step loop (`TwoModelDecoder`) for every
-  criterion of `test_decoding_engine.RULES`: the same tokens and flags for the same seeds, in
+  criterion of `decoding_reference.RULES`: the same tokens and flags for the same seeds, in
   float64 (scores to 1e-9) and in float32 (the CPU benchmark's dtype), whatever the slot count,
   sync period, request order, and for the fixed-shape sampler a CUDA graph runs.
 - The law over whole sequences (chi-square, different seeds), with a power check.
 """
 
 import copy
-import importlib.util
 import random
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from decoding_reference import (
+    EOS,
+    PAD,
+    PROMPTS,
+    PROPOSER_ONLY,
+    RULES,
+    _sequence_histograms,
+    decoder,
+    make_models,
+)
 from scipy import stats
 from transformers import LlamaConfig, LlamaForCausalLM, Qwen3Config, Qwen3ForCausalLM
 
@@ -32,20 +40,7 @@ from verl_ext.decoding.static import (
     width_buckets,
 )
 
-# the step loop's helpers and rules (tests import by path: `--import-mode=importlib`)
-_spec = importlib.util.spec_from_file_location("_engine_tests", Path(__file__).with_name("test_decoding_engine.py"))
-_engine_tests = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(_engine_tests)
-EOS, PAD, PROMPTS, RULES = _engine_tests.EOS, _engine_tests.PAD, _engine_tests.PROMPTS, _engine_tests.RULES
-decoder, make_models, _sequence_histograms = _engine_tests.decoder, _engine_tests.make_models, _engine_tests._sequence_histograms
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")
@@ -136,7 +131,7 @@ def test_same_tokens_as_the_step_loop_for_every_criterion(models, models32, name
             if exact:
                 np.testing.assert_allclose(y.scores, x.scores, rtol=1e-9, atol=1e-12)
         assert dec.stats.tokens == sum(len(r.tokens) for r in ref)
-        assert dec.projects_fired_rows_only == (name in _engine_tests.PROPOSER_ONLY)  # as the step loop
+        assert dec.projects_fired_rows_only == (name in PROPOSER_ONLY)  # as the step loop
     assert any(r.finish_reason == "eos" for r in ref)
     if name not in ("none", "all-gamma0"):
         assert 0 < replace_ratio(ref) < 1
