@@ -373,7 +373,8 @@ def _raw_dir_hint(cfg, name: str, path: str) -> str:
     raw_dir = str(cfg.get("raw_dir") or "")
     if not raw_dir or Path(path).parent != Path(raw_dir):
         return ""
-    return (f"; the default datasets are read from raw_dir={raw_dir!r} (relative to this folder): copy "
+    where = "" if Path(raw_dir).is_absolute() else " (relative to this folder)"
+    return (f"; the default datasets are read from raw_dir={raw_dir!r}{where}: copy "
             f"{Path(path).name} there, give raw_dir=<the folder that has it>, or drop it with ~datasets.{name}")
 
 
