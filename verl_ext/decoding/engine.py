@@ -76,6 +76,14 @@ class DecodeResult:
         return sum(self.replaced) / max(len(self.replaced), 1)
 
 
+def in_request_order(results: Iterable[tuple[int, DecodeResult]], n: int) -> list[DecodeResult]:
+    """The (request index, result) pairs of an `iter_generate` (finishing order) as a list in request order."""
+    out: list[DecodeResult | None] = [None] * n
+    for i, result in results:
+        out[i] = result
+    return out  # type: ignore[return-value]
+
+
 @dataclass
 class EngineStats:
     rounds: int = 0  # batch steps (a speculative round of `experimental.py` counts once)
@@ -261,10 +269,7 @@ class TwoModelDecoder:
 
     def generate(self, requests: Sequence[Request]) -> list[DecodeResult]:
         """Results in request order."""
-        out: list[DecodeResult | None] = [None] * len(requests)
-        for i, result in self.iter_generate(requests):
-            out[i] = result
-        return out  # type: ignore[return-value]
+        return in_request_order(self.iter_generate(requests), len(requests))
 
     @torch.inference_mode()
     def iter_generate(self, requests: Sequence[Request]) -> Iterator[tuple[int, DecodeResult]]:

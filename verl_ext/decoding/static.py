@@ -47,7 +47,7 @@ from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 from verl_ext.core import rng
 from verl_ext.core.distributions import log_softmax
 from verl_ext.decoding.criteria import can_fire
-from verl_ext.decoding.engine import DecodeResult, Request
+from verl_ext.decoding.engine import DecodeResult, Request, in_request_order
 from verl_ext.decoding.sampler import (
     DecodingRule,
     StepOutcome,
@@ -305,10 +305,7 @@ class StaticTwoModelDecoder:
 
     def generate(self, requests: Sequence[Request]) -> list[DecodeResult]:
         """Results in request order."""
-        out: list[DecodeResult | None] = [None] * len(requests)
-        for i, result in self.iter_generate(requests):
-            out[i] = result
-        return out  # type: ignore[return-value]
+        return in_request_order(self.iter_generate(requests), len(requests))
 
     @torch.inference_mode()
     def iter_generate(self, requests: Sequence[Request]) -> Iterator[tuple[int, DecodeResult]]:
