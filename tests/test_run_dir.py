@@ -209,3 +209,15 @@ def test_baseline_runs_each_get_a_folder_under_a_users_dir(tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     for name in ("tiny-cpu-none-a0.0-topp1.0", "tiny-cpu-dominate-a0.1-topp1.0"):
         assert f"[dapo_reweight] no checkpoint in {tmp_path}/{name}: training from step 0" in proc.stdout
+
+
+def test_figure_name_keeps_the_parent_of_a_generic_model_folder(tmp_path):
+    from verl_ext.core.paths import figure_name
+
+    for folder in ("base/model", "run/global_step_40/merged_hf", "models/none-seed0"):
+        (tmp_path / folder).mkdir(parents=True)
+    assert figure_name(tmp_path / "base" / "model") == "base/model"
+    assert figure_name(tmp_path / "run" / "global_step_40" / "merged_hf") == "global_step_40/merged_hf"
+    assert figure_name(tmp_path / "models" / "none-seed0") == "none-seed0"
+    assert figure_name("Qwen/Qwen2.5-Math-7B") == "Qwen/Qwen2.5-Math-7B"  # a hub id as given
+    assert figure_name(tmp_path / "data" / "aime.parquet") == "aime.parquet"  # absolute, even if absent

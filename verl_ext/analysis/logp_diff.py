@@ -57,7 +57,7 @@ from verl_ext.core.checks import (
     invalid,
     read_jsonl,
 )
-from verl_ext.core.paths import config_dir
+from verl_ext.core.paths import config_dir, figure_name
 from verl_ext.core.progress import size_line
 from verl_ext.jobs import WorkerPool, check_ray, check_resume
 from verl_ext.wandb_logging import start_run, wandb_enabled
@@ -581,26 +581,20 @@ def read_token_metrics(out: Path):
     return pa.concat_tables([pq.read_table(f) for f in files]).to_pandas()
 
 
-def _short(name) -> str:
-    """A model or data name as a figure shows it: a local path by its last folder/file, a hub id as given."""
-    path = Path(str(name))
-    return path.name if path.exists() or path.is_absolute() else str(name)
-
-
 def figure_caption(cfg: DictConfig, df) -> str:
     """What every analysis figure says about itself: the two models, the data and the sample size. The
     tiny default's RL model is a randomly perturbed copy of the base, and the caption says so."""
-    base = _short(cfg.models.base) if cfg.models.base else "tiny base model"
+    base = figure_name(cfg.models.base) if cfg.models.base else "tiny base model"
     if cfg.models.rl:
-        rl = _short(cfg.models.rl)
+        rl = figure_name(cfg.models.rl)
     else:
         rl = f"STAND-IN (not RL-trained: π_B + {cfg.models.tiny_rl_noise:g}·std·noise)"
     if cfg.input.source == "sample":
-        data = _short(cfg.input.prompts) if cfg.input.prompts else "tiny arithmetic validation prompts"
+        data = figure_name(cfg.input.prompts) if cfg.input.prompts else "tiny arithmetic validation prompts"
         size = f"{df['prompt_index'].nunique()} prompts × {cfg.sampling.n} samples per generator"
         sampling = f"T={cfg.sampling.temperature:g}, top-p={cfg.sampling.top_p:g}"
         return f"π_B = {base}, π_RL = {rl}; {data}, {size} ({sampling})"
-    data = ", ".join(_short(f["path"]) for f in cfg.input.files)
+    data = ", ".join(figure_name(f["path"]) for f in cfg.input.files)
     return f"π_B = {base}, π_RL = {rl}; responses from {data} ({df['response_id'].nunique()} responses)"
 
 

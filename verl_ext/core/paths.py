@@ -65,3 +65,18 @@ def output_root() -> Path:
 
 if __name__ == "__main__":  # `python -m verl_ext.core.paths`: the config folder, for scripts that pass --config-path
     print(config_dir())
+
+
+# Folder names that say nothing about which model is in them (a figure names their parent too).
+GENERIC_MODEL_FOLDERS = ("model", "models", "merged_hf", "hf", "huggingface", "actor", "checkpoint")
+
+
+def figure_name(name) -> str:
+    """A model or data name as a figure shows it: a local path by its last folder/file (with its parent
+    when that folder's name is generic, e.g. `base/model`), a hub id as given."""
+    path = Path(str(name))
+    if not (path.exists() or path.is_absolute()):
+        return str(name)
+    if path.name in GENERIC_MODEL_FOLDERS and path.parent.name:
+        return f"{path.parent.name}/{path.name}"
+    return path.name

@@ -49,7 +49,7 @@ from verl_ext.core.checks import (
     exit_on_config_error,
     invalid,
 )
-from verl_ext.core.paths import config_dir
+from verl_ext.core.paths import config_dir, figure_name
 from verl_ext.core.progress import job_size, size_line
 from verl_ext.decoding.criteria import ABOVE, BELOW, get_criterion
 from verl_ext.jobs import WorkerPool, check_ray, check_resume
@@ -451,9 +451,9 @@ def plot_curves(summary: list[dict], path: Path, title: str, caption: str = "") 
 def sweep_caption(cfg: DictConfig, summary: list[dict]) -> str:
     """Models, data and sample size of a sweep's figure; says so when π_RL is the tiny default's stand-in."""
     m = cfg.models
-    base = Path(str(m.base)).name if m.base else "tiny base model"
+    base = figure_name(m.base) if m.base else "tiny base model"
     if m.rl:
-        rl = Path(str(m.rl)).name
+        rl = figure_name(m.rl)
     elif not m.base:
         rl = f"STAND-IN (not RL-trained: π_B + {m.tiny_rl_noise:g}·std·noise)"
     else:
