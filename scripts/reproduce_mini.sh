@@ -2,7 +2,8 @@
 # The paper in miniature on one CPU: SFT base -> verl DAPO per weighting -> Avg@k/Pass@k ->
 # Δlog p analysis -> token replacement and extrapolation sweeps -> <output_dir>/report.md.
 #
-#   bash scripts/reproduce_mini.sh                        # full run (~30 min on 2 CPU cores)
+#   bash scripts/reproduce_mini.sh                        # full run: 2 schemes x 1 training seed (wall times: docs/benchmarks.md)
+#   bash scripts/reproduce_mini.sh 'seeds=[0,1,2]' 'schemes=[none,lowprob,ppl,dominate]'   # every scheme, 3 seeds
 #   bash scripts/reproduce_mini.sh mini_size=smoke output_dir=outputs/mini_smoke   # CI-sized (minutes)
 #   bash scripts/reproduce_mini.sh 'schemes=[none,lowprob,ppl,dominate]' train.steps=60
 #   bash scripts/reproduce_mini.sh redo=[report]          # rebuild the report from finished stages
