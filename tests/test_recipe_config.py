@@ -134,3 +134,17 @@ def test_baselines_script_gives_dominate_its_paper_settings():
         env={**os.environ, "SCHEMES": "none lowprb"},
     )
     assert bad.returncode == 2 and "SCHEMES=lowprb is not valid" in bad.stderr
+
+
+def test_the_printed_evaluation_command_fits_the_preset():
+    """A tiny run is evaluated on the tiny arithmetic set (its own data); a real preset on AIME/AMC,
+    which prepare_data.sh writes first."""
+    from omegaconf import OmegaConf
+
+    from recipe.dapo_reweight.main import evaluate_command
+
+    tiny = OmegaConf.create({"preset_name": "tiny-cpu", "trainer": {"default_local_dir": "/runs/a"}})
+    assert evaluate_command(tiny) == "bash scripts/evaluate.sh tiny=true model.path=/runs/a"
+    real = OmegaConf.create({"preset_name": "qwen2.5-math-7b", "trainer": {"default_local_dir": "/runs/b"}})
+    assert evaluate_command(real).endswith("; bash scripts/evaluate.sh model.path=/runs/b")
+    assert evaluate_command(real).startswith("bash scripts/prepare_data.sh raw_dir=")

@@ -209,7 +209,16 @@ def merge_at_end(config: DictConfig) -> None:
         print(f"[{PROG}] warning: no merged model: {err}")
         return
     print(f"[{PROG}] merged model: {merged}")
-    print(f"[{PROG}] evaluate it: bash scripts/evaluate.sh model.path={config.trainer.default_local_dir}")
+    print(f"[{PROG}] evaluate it: {evaluate_command(config)}")
+
+
+def evaluate_command(config: DictConfig) -> str:
+    """The evaluation of this run: on the tiny arithmetic set for a tiny preset (`tiny=true`), else on the
+    AIME/AMC parquet files that `scripts/prepare_data.sh` writes."""
+    run = config.trainer.default_local_dir
+    if str(config.get("preset_name") or "").startswith("tiny"):
+        return f"bash scripts/evaluate.sh tiny=true model.path={run}"
+    return f"bash scripts/prepare_data.sh raw_dir=<folder of the AIME/AMC jsonl>; bash scripts/evaluate.sh model.path={run}"
 
 
 def train(config: DictConfig) -> None:

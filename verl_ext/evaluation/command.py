@@ -201,7 +201,8 @@ def validate(cfg: DictConfig) -> str:
     try:
         check_list(cfg.data.files, "data.files", lambda f, key: check_file(f, key, suffixes=DATA_SUFFIXES))
     except ConfigError as err:
-        raise ConfigError(f"{err} (bash scripts/prepare_data.sh writes the AIME and AMC files)") from None
+        raise ConfigError(f"{err} (bash scripts/prepare_data.sh raw_dir=<folder of the AIME/AMC jsonl> writes "
+                          "them; tiny=true: the tiny arithmetic set)") from None
     check_number(cfg.data.max_problems, "data.max_problems", low=1, integer=True, allow_none=True)
     check_number(cfg.shard_problems, "shard_problems", low=1, integer=True)
     check_choice(cfg.overwrite, "overwrite", (True, False))
