@@ -207,6 +207,11 @@ class WorkerPool(Generic[W]):
 # ----------------------------------------------------------------------------- resume
 
 
+def shard_name(index: int) -> str:
+    """The file of shard `index` (what `check_resume` looks for): shard-00042.parquet."""
+    return f"shard-{index:05d}.parquet"
+
+
 class ResumeError(ConfigError):
     """An output folder holds results made under other settings."""
 

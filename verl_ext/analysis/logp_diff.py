@@ -59,7 +59,7 @@ from verl_ext.core.checks import (
 )
 from verl_ext.core.paths import config_dir, figure_name
 from verl_ext.core.progress import size_line
-from verl_ext.jobs import WorkerPool, check_ray, check_resume
+from verl_ext.jobs import WorkerPool, check_ray, check_resume, shard_name
 from verl_ext.wandb_logging import start_run, wandb_enabled
 
 GENERATION_COLUMNS = ("generator", "prompt_index", "sample_index", "response_id", "prompt_ids", "response_ids")
@@ -112,10 +112,6 @@ class SampleTask:
     generator: str
     shard: ShardTask
     seed: int
-
-
-def shard_name(index: int) -> str:
-    return f"shard-{index:05d}.parquet"
 
 
 def write_parquet_atomic(table: pa.Table, path: Path) -> Path:

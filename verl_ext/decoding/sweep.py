@@ -52,7 +52,7 @@ from verl_ext.core.checks import (
 from verl_ext.core.paths import config_dir, figure_name
 from verl_ext.core.progress import job_size, size_line
 from verl_ext.decoding.criteria import ABOVE, BELOW, get_criterion
-from verl_ext.jobs import WorkerPool, check_ray, check_resume
+from verl_ext.jobs import WorkerPool, check_ray, check_resume, shard_name
 from verl_ext.wandb_logging import start_run, wandb_enabled
 
 BASELINES = (("none", 0.0), ("all", 0.0))  # π_B alone (ratio 0) and π_RL / π_Extra alone (ratio 1)
@@ -659,7 +659,7 @@ def generate_shards(cfg: DictConfig, pool: WorkerPool, out_dir: Path) -> list[Sh
     runs = plan_runs(cfg, calibrated)
     num_problems = count_problems(cfg)
     shards = [
-        Shard(spec, a, b, str(out_dir / "runs" / spec.name / f"shard-{a:05d}.parquet"))
+        Shard(spec, a, b, str(out_dir / "runs" / spec.name / shard_name(a)))
         for spec in runs
         for a, b in shard_ranges(num_problems, cfg.shard_problems)
     ]

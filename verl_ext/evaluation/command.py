@@ -33,7 +33,6 @@ from verl_ext.core.checks import (
     read_jsonl,
 )
 from verl_ext.core.paths import config_dir
-from verl_ext.jobs import check_ray
 from verl_ext.evaluation.report import (
     aggregate,
     grade_records,
@@ -43,6 +42,7 @@ from verl_ext.evaluation.report import (
     write_jsonl,
     write_results,
 )
+from verl_ext.jobs import check_ray
 from verl_ext.wandb_logging import start_run, wandb_enabled
 
 MODES = ("auto", "grade", "generate")
@@ -244,9 +244,8 @@ def generate_records(cfg: DictConfig) -> list[dict]:
                                                 "batch_size")},
         show_progress=bool(cfg.show_progress),
     )
-    records, generated = generate_all(spec, problems, cfg.shard_problems, output_dir / "generations", cfg.ray,
-                                      bool(cfg.show_progress))
-    shards = -(-len(problems) // cfg.shard_problems)
+    records, generated, shards = generate_all(spec, problems, cfg.shard_problems, output_dir / "generations",
+                                              cfg.ray, bool(cfg.show_progress))
     print(f"[evaluate] {shards} shard(s): {generated} generated now, {shards - generated} reused", flush=True)
     return records
 

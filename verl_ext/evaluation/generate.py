@@ -18,9 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from verl_ext.core.atomic_io import atomic_write_bytes
-
-RECORD_COLUMNS = ("data_source", "prompt_id", "sample_index", "ground_truth", "accepted_answers", "response",
-                  "response_length", "finish_reason")
+from verl_ext.jobs import WorkerPool, shard_name
 
 
 @dataclass(frozen=True)
@@ -46,7 +44,7 @@ class EvalShard:
 
     @property
     def file_name(self) -> str:
-        return f"shard-{self.index:05d}.parquet"
+        return shard_name(self.index)
 
 
 def plan_shards(problems: list[dict], shard_problems: int) -> list[EvalShard]:
@@ -129,12 +127,10 @@ def read_shard(path: Path) -> list[dict]:
 
 
 def generate_all(spec: EvalSpec, problems: list[dict], shard_problems: int, folder: Path, ray_cfg: Any,
-                 show_progress: bool) -> tuple[list[dict], int]:
+                 show_progress: bool) -> tuple[list[dict], int, int]:
     """Write the missing shards under `folder` (a WorkerPool of EvalWorkers); returns every record, in
-    shard order, and the number of shards generated now."""
+    shard order, the number of shards generated now and the number of shards."""
     import functools
-
-    from verl_ext.jobs import WorkerPool
 
     shards = plan_shards(problems, shard_problems)
     todo = [s for s in shards if not (folder / s.file_name).is_file()]
@@ -144,4 +140,4 @@ def generate_all(spec: EvalSpec, problems: list[dict], shard_problems: int, fold
         pool.map(EvalWorker.generate, todo, lambda shard, records: write_shard(folder / shard.file_name, records),
                  progress="shards" if len(shards) > 1 else None)
     records = [r for s in shards for r in read_shard(folder / s.file_name)]
-    return records, len(todo)
+    return records, len(todo), len(shards)
