@@ -11,8 +11,9 @@ from typing import ClassVar
 
 import pytest
 
+from verl_ext.core.atomic_io import atomic_write_parquet
 from verl_ext.core.checks import ConfigError
-from verl_ext.jobs import ResumeError, WorkerPool, check_ray, check_resume, use_ray
+from verl_ext.jobs import ResumeError, WorkerPool, check_ray, check_resume, shard_name, shard_seed, use_ray
 
 
 @dataclass(frozen=True)
@@ -111,6 +112,28 @@ def test_resume_manifest_refuses_to_mix(tmp_path):
     (tmp_path / "runs" / "a" / "shard-00000.parquet").write_bytes(b"x")
     (tmp_path / "manifest.json").write_text(json.dumps({**settings, "hash": "abc"}))
     check_resume(tmp_path, settings, ["runs"])
+
+
+def test_shard_seeds_start_at_the_seed_and_never_collide():
+    assert shard_seed(5, 0) == 5  # one shard draws what an unsharded run draws
+    seeds = {shard_seed(5, s, g) for s in range(1000) for g in range(3)}
+    assert len(seeds) == 3000
+    assert shard_seed(2**63 - 1, 1) == 7918  # wraps into a valid seed instead of overflowing
+    assert shard_name(42) == "shard-00042.parquet"
+
+
+def test_parquet_shards_are_written_whole_or_not_at_all(tmp_path, monkeypatch):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    path = tmp_path / "generations" / shard_name(0)
+    table = pa.table({"x": [1, 2], "y": [[1], []]})
+    atomic_write_parquet(path, table)
+    assert pq.read_table(path).equals(table)
+    monkeypatch.setattr("os.replace", lambda *_: (_ for _ in ()).throw(KeyboardInterrupt()))
+    with pytest.raises(KeyboardInterrupt):  # interrupted before the rename: the old file stays, no temporary left
+        atomic_write_parquet(path, pa.table({"x": [3]}))
+    assert pq.read_table(path).equals(table) and [p.name for p in path.parent.iterdir()] == [path.name]
 
 
 # ----------------------------------------------------------------------------- Ray

@@ -32,7 +32,7 @@ from typing import Any
 
 import hydra
 
-from verl_ext.core.atomic_io import atomic_write_bytes
+from verl_ext.core.atomic_io import atomic_write_bytes, atomic_write_parquet
 from verl_ext.core.checks import ConfigError, check_choice, check_writable_dir, exit_on_config_error
 from verl_ext.core.paths import config_dir
 from verl_ext.core.prompts import PROMPT_SUFFIX, format_problem
@@ -293,18 +293,11 @@ def deduplicate(rows: list[dict]) -> tuple[list[dict], int]:
 
 def write_parquet(rows: list[dict], path: str | Path) -> Path:
     """Write verl rows to parquet atomically (temporary file + rename)."""
-    import io
-
     import pyarrow as pa
-    import pyarrow.parquet as pq
 
     if not rows:
         raise DataPrepError(f"{path}: no rows to write")
-    buffer = io.BytesIO()
-    pq.write_table(pa.Table.from_pylist(rows), buffer)
-    path = Path(path)
-    atomic_write_bytes(path, buffer.getvalue())
-    return path
+    return atomic_write_parquet(path, pa.Table.from_pylist(rows))
 
 
 @dataclass

@@ -212,6 +212,16 @@ def shard_name(index: int) -> str:
     return f"shard-{index:05d}.parquet"
 
 
+def shard_seed(seed: int, shard: int, stream: int = 0) -> int:
+    """The sampling seed of shard `shard` (and of `stream`, e.g. the analysis' second generator).
+
+    seed_{s,g} = (seed + 7919·s + g) mod 2^63: shard 0 of stream 0 samples with `seed` itself, so a
+    run that fits in one shard draws what an unsharded run draws; the others are distinct and
+    reproducible (7919 is a prime larger than any stream count, so (s, g) pairs never collide).
+    """
+    return (seed + 7919 * shard + stream) % (2**63)
+
+
 class ResumeError(ConfigError):
     """An output folder holds results made under other settings."""
 

@@ -43,7 +43,7 @@ import pyarrow.parquet as pq
 from omegaconf import DictConfig, OmegaConf
 
 from verl_ext.analysis.token_metrics import METRICS
-from verl_ext.core.atomic_io import atomic_write_bytes
+from verl_ext.core.atomic_io import atomic_write_parquet
 from verl_ext.core.checks import (
     ConfigError,
     check_choice,
@@ -59,7 +59,7 @@ from verl_ext.core.checks import (
 )
 from verl_ext.core.paths import config_dir, figure_name
 from verl_ext.core.progress import size_line
-from verl_ext.jobs import WorkerPool, check_ray, check_resume, shard_name
+from verl_ext.jobs import WorkerPool, check_ray, check_resume, shard_name, shard_seed
 from verl_ext.wandb_logging import start_run, wandb_enabled
 
 GENERATION_COLUMNS = ("generator", "prompt_index", "sample_index", "response_id", "prompt_ids", "response_ids")
@@ -112,13 +112,6 @@ class SampleTask:
     generator: str
     shard: ShardTask
     seed: int
-
-
-def write_parquet_atomic(table: pa.Table, path: Path) -> Path:
-    """Write `table` to a hidden temporary file next to `path`, then rename it into place."""
-    buf = pa.BufferOutputStream()
-    pq.write_table(table, buf)
-    return atomic_write_bytes(path, buf.getvalue().to_pybytes())
 
 
 def records_to_table(records: list[ResponseRecord]) -> pa.Table:
@@ -521,11 +514,6 @@ def plan_scoring_shards(records: list[ResponseRecord], per_shard: int) -> list[S
     ]
 
 
-def shard_seed(seed: int, shard: int, generator_index: int) -> int:
-    """A distinct, reproducible sampling seed per (shard, generator)."""
-    return seed + 7919 * shard + generator_index
-
-
 def run_sampling(cfg: DictConfig, pool: WorkerPool, prompts, out: Path) -> list[ShardTask]:
     """Phase 1: write generations/<generator>/shard-*.parquet (missing ones only); returns scoring tasks."""
     generators = list(cfg.sampling.generators)
@@ -542,7 +530,7 @@ def run_sampling(cfg: DictConfig, pool: WorkerPool, prompts, out: Path) -> list[
     ]
 
     def write(job: SampleTask, table: pa.Table) -> None:
-        write_parquet_atomic(table, out / "generations" / job.generator / shard_name(job.shard.index))
+        atomic_write_parquet(out / "generations" / job.generator / shard_name(job.shard.index), table)
 
     pool.map(AnalysisWorker.sample, calls, write, progress="sampling")
     if cfg.sampling.backend != "hf" and calls:
@@ -562,7 +550,7 @@ def run_scoring(pool: WorkerPool, tasks: list[ShardTask], out: Path) -> list[int
     computed: list[int] = []
 
     def write(task: ShardTask, table: pa.Table) -> None:
-        write_parquet_atomic(table, out / "tokens" / shard_name(task.index))
+        atomic_write_parquet(out / "tokens" / shard_name(task.index), table)
         computed.append(task.index)
 
     pool.map(AnalysisWorker.score, todo, write, progress="scoring")

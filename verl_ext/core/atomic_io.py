@@ -40,3 +40,13 @@ def atomic_write_bytes(path: str | Path, data: bytes) -> Path:
         Path(tmp).unlink(missing_ok=True)
         raise
     return path
+
+
+def atomic_write_parquet(path: str | Path, table) -> Path:
+    """Write a pyarrow Table as one parquet file under `path`, atomically (`atomic_write_bytes`)."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    buf = pa.BufferOutputStream()
+    pq.write_table(table, buf)
+    return atomic_write_bytes(path, buf.getvalue().to_pybytes())

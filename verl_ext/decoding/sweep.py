@@ -37,7 +37,7 @@ from pathlib import Path
 import hydra
 from omegaconf import DictConfig, OmegaConf
 
-from verl_ext.core.atomic_io import atomic_write_bytes
+from verl_ext.core.atomic_io import atomic_write_bytes, atomic_write_parquet
 from verl_ext.core.checks import (
     ConfigError,
     check_choice,
@@ -149,11 +149,11 @@ def shard_ranges(num_problems: int, shard_problems: int) -> list[tuple[int, int]
 
 
 def write_parquet(path: Path, rows: list[dict]) -> None:
+    """`rows` as one parquet file, atomically; columns are the union of the rows' keys (pandas fills gaps)."""
     import pandas as pd
+    import pyarrow as pa
 
-    buf = io.BytesIO()
-    pd.DataFrame(rows).to_parquet(buf, index=False)
-    atomic_write_bytes(path, buf.getvalue())
+    atomic_write_parquet(path, pa.Table.from_pandas(pd.DataFrame(rows), preserve_index=False))
 
 
 # ----------------------------------------------------------------------------- the worker

@@ -12,13 +12,12 @@
 
 from __future__ import annotations
 
-import io
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from verl_ext.core.atomic_io import atomic_write_bytes
-from verl_ext.jobs import WorkerPool, shard_name
+from verl_ext.core.atomic_io import atomic_write_parquet
+from verl_ext.jobs import WorkerPool, shard_name, shard_seed
 
 
 @dataclass(frozen=True)
@@ -53,11 +52,6 @@ def plan_shards(problems: list[dict], shard_problems: int) -> list[EvalShard]:
         raise ValueError(f"shard_problems={shard_problems} is invalid; valid: an integer >= 1")
     return [EvalShard(i // shard_problems, tuple(problems[i : i + shard_problems]))
             for i in range(0, len(problems), shard_problems)]
-
-
-def shard_seed(seed: int, index: int) -> int:
-    """The sampling seed of shard `index`: `seed` for shard 0, distinct and reproducible for the others."""
-    return (seed + 7919 * index) % (2**63)
 
 
 class EvalWorker:
@@ -113,11 +107,8 @@ class EvalWorker:
 
 def write_shard(path: Path, records: list[dict]) -> None:
     import pyarrow as pa
-    import pyarrow.parquet as pq
 
-    buf = io.BytesIO()
-    pq.write_table(pa.Table.from_pylist(records), buf)
-    atomic_write_bytes(path, buf.getvalue())
+    atomic_write_parquet(path, pa.Table.from_pylist(records))
 
 
 def read_shard(path: Path) -> list[dict]:
