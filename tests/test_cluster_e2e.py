@@ -402,15 +402,16 @@ def test_top_p_ablation_trains_on_a_two_node_cluster_from_ray_cluster_sh(tmp_pat
     metrics = step_metrics(train_log)
     assert sorted(metrics) == [1], _tail(train_log)
     values = metrics[1]
-    # top-p 0.9 cuts real mass (with top-p 1.0 it is ~0.001, the engines' mismatch only)
-    assert values["rollout/top_p_truncated_mass_mean"] > 0.01, values
+    # top-p 0.9 cuts real mass: 0.009-0.020 per step in the runs seen (one step of this tiny model can
+    # fall under 0.01); top-p 1.0 gives 0.0012-0.0014, the engines' mismatch only (docs/benchmarks.md)
+    assert values["rollout/top_p_truncated_mass_mean"] > 0.004, values
     assert values["actor/reweight/ppl_abs_z_mean"] > 0, values
     assert values["actor/grad_norm"] > 0 and math.isfinite(values["actor/grad_norm"]), values
     (wandb_run,) = (tmp_path / "wandb_root" / "wandb").glob("offline-run-*")
     rows = read_wandb_history(wandb_run)
     assert len(rows) == 1, rows
     row = rows[0]
-    assert row["rollout/top_p_truncated_mass_mean"] > 0.01, row
+    assert row["rollout/top_p_truncated_mass_mean"] == pytest.approx(values["rollout/top_p_truncated_mass_mean"], rel=1e-6), row
     assert row["actor/reweight/ppl_abs_z_mean"] > 0, row
     assert row["actor/grad_norm"] > 0, row
     run_names = set(re.findall(r"finished (\S+): preset tiny-cpu", train_log))
