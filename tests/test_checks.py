@@ -12,6 +12,7 @@ from verl_ext.core.checks import (
     ConfigError,
     check_choice,
     check_file,
+    check_flag,
     check_list,
     check_model_source,
     check_number,
@@ -29,6 +30,14 @@ def test_top_p_like_interval_refuses(value):
 @pytest.mark.parametrize("value", [1e-9, 0.7, 1, 1.0, np.float32(0.5), np.int64(1)])
 def test_top_p_like_interval_accepts(value):
     assert check_number(value, "top_p", low=0, high=1, low_open=True) == value
+
+
+@pytest.mark.parametrize("value", ["no", "yes", "false", "maybe", 0, 1, None, 1.0])
+def test_a_flag_is_a_bool_and_nothing_else(value):
+    with pytest.raises(ConfigError) as err:  # "no" and "false" are non-empty strings: Python would read them as true
+        check_flag(value, "overwrite")
+    assert str(err.value) == f"overwrite={value!r} is invalid; valid: true, false"
+    assert check_flag(True, "overwrite") is True and check_flag(False, "overwrite") is False
 
 
 def test_integer_and_none():

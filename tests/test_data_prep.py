@@ -185,6 +185,19 @@ def test_missing_input_names_the_key(tmp_path):
         "[prepare_data] error: datasets.aime_2021_2024.path='/nonexistent/aime.jsonl': no such file or folder")
 
 
+def test_every_dataset_is_checked_before_any_is_written(tmp_path):
+    """A bad setting of the second dataset (dedupe=no: a string, which Python reads as true) stops the command
+    before the first one is written."""
+    env = {**os.environ, "PYTHON": sys.executable}
+    proc = subprocess.run(
+        ["bash", str(REPO / "scripts" / "prepare_data.sh"), f"raw_dir={SHARED_DATA}", "+datasets.amc_2022_2023.dedupe=no",
+         f"output_dir={tmp_path / 'out'}"], capture_output=True, text=True, env=env, timeout=120, check=False,
+    )
+    assert proc.returncode == 2
+    assert proc.stderr.strip() == "[prepare_data] error: datasets.amc_2022_2023.dedupe='no' is invalid; valid: true, false"
+    assert not (tmp_path / "out").exists()
+
+
 def test_default_datasets_come_from_raw_dir_inside_the_working_folder(tmp_path):
     """No default path outside the repository: the default files are read from data/raw (relative to the
     working folder), and their absence is one line saying how to supply them."""

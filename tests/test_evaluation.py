@@ -369,6 +369,10 @@ def test_bad_wandb_enable_is_refused_before_grading(tmp_path):
         (["data.max_problems=0"], "data.max_problems=0 is invalid"),
         (["shard_problems=0"], "shard_problems=0 is invalid; valid: an integer >= 1"),
         (["overwrite=maybe"], "overwrite='maybe' is invalid; valid"),
+        (["overwrite=no"], "overwrite='no' is invalid; valid: true, false"),
+        (["model.use_chat_template=yes"], "model.use_chat_template='yes' is invalid; valid: true, false"),
+        (["show_progress=0"], "show_progress=0 is invalid; valid: true, false"),
+        (["tiny=no"], "tiny='no' is invalid; valid: true, false"),
         (["ray.enabled=sometimes"], "ray.enabled='sometimes' is invalid; valid: auto, True, False"),
     ],
 )

@@ -105,6 +105,9 @@ def test_resume_manifest_refuses_to_mix(tmp_path):
     msg = str(err.value)
     assert "\n" not in msg
     assert '(k: <unset> -> 1; models.rl: "r" -> "r2"; n: 3 -> 2)' in msg and msg.endswith("overwrite=true to delete them")
+    with pytest.raises(ConfigError, match="overwrite='no' is invalid; valid: true, false"):
+        check_resume(tmp_path, settings, ["runs"], overwrite="no")  # a truthy string: refused, nothing deleted
+    assert (tmp_path / "runs" / "a" / "shard-00000.parquet").is_file()
     check_resume(tmp_path, settings, ["runs"], overwrite=True)  # the redo path: results deleted
     assert not (tmp_path / "runs").exists()
     # a manifest written by an earlier analysis carries a hash: not a setting

@@ -12,8 +12,9 @@ import numpy as np
 import pytest
 from omegaconf import OmegaConf
 
+from verl_ext.core.checks import ConfigError
 from verl_ext.mini import claims
-from verl_ext.mini.pipeline import STAGES, PipelineError, Stages, compose, resolve_config, run_stage
+from verl_ext.mini.pipeline import STAGES, Stages, compose, resolve_config, run_stage
 from verl_ext.mini.report import read_metrics
 
 REPO = Path(__file__).resolve().parents[1]
@@ -142,10 +143,11 @@ def _cfg(*overrides):
         ("analysis.rl_scheme=ppl", "analysis.rl_scheme='ppl' is not trained"),
         ("seeds=[]", "seeds=[]: give a non-empty list of distinct integers"),
         ("seeds=[1,1]", "seeds=[1, 1]: give a non-empty list of distinct integers"),
+        ("show_progress=no", "show_progress='no' is invalid; valid: true, false"),
     ],
 )
 def test_bad_settings_are_named(override, message):
-    with pytest.raises(PipelineError, match=message.replace("[", r"\[")):
+    with pytest.raises(ConfigError, match=message.replace("[", r"\[")):
         _cfg(override)
 
 

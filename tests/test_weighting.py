@@ -154,6 +154,7 @@ def test_alpha_defaults_are_the_papers_and_live_in_the_recipe_config_only():
         ({"scheme": "dominate", "alpha": 1.0}, "dominate needs 0 <= alpha < 1"),
         ({"scheme": "ppl", "alpha": 0.01, "ppl_clamp": (1.2, 0.8)}, "low <= high, got low=1.2, high=0.8"),
         ({"scheme": "ppl", "alpha": float("nan")}, "finite"),
+        ({"scheme": "ppl", "alpha": 0.01, "ppl_iqr_filter": "no"}, "ppl_iqr_filter must be true or false, got 'no'"),
     ],
 )
 def test_bad_weighting_input_names_value_and_choices(kwargs, message):

@@ -33,7 +33,7 @@ from typing import Any
 import hydra
 
 from verl_ext.core.atomic_io import atomic_write_bytes, atomic_write_parquet
-from verl_ext.core.checks import ConfigError, check_choice, check_writable_dir, exit_on_config_error
+from verl_ext.core.checks import ConfigError, check_choice, check_flag, check_writable_dir, exit_on_config_error
 from verl_ext.core.paths import config_dir
 from verl_ext.core.prompts import PROMPT_SUFFIX, format_problem
 
@@ -378,8 +378,8 @@ def run(cfg) -> list[PreparedDataset]:
         raise DataPrepError("no datasets configured: add one, e.g. +datasets.math500.path=/data/math500.jsonl")
     check_choice(cfg.on_invalid, "on_invalid", ON_INVALID)
     check_writable_dir(cfg.output_dir, "output_dir")
-    results = []
-    for name, spec in cfg.datasets.items():
+    specs = {}
+    for name, spec in cfg.datasets.items():  # every dataset's settings checked before any is written
         spec = OmegaConf.to_container(spec, resolve=True)
         unknown = set(spec) - {"path", "data_source", "split", "prompt_style", "keep", "dedupe"}
         if unknown:
@@ -391,10 +391,14 @@ def run(cfg) -> list[PreparedDataset]:
         if not Path(str(spec["path"])).exists() and not _HUB_ID.fullmatch(str(spec["path"])):
             raise DataPrepError(f"datasets.{name}.path={str(spec['path'])!r}: no such file or folder"
                                 + _raw_dir_hint(cfg, name, str(spec["path"])))
+        check_flag(spec.get("dedupe", False), f"datasets.{name}.dedupe")
+        specs[name] = spec
+    results = []
+    for name, spec in specs.items():
         result = prepare_dataset(
             name, spec["path"], cfg.output_dir, data_source=spec.get("data_source"), split=spec.get("split", "test"),
             suffix=cfg.suffix, prompt_style=spec.get("prompt_style", "suffix"), keep=spec.get("keep"),
-            on_invalid=cfg.on_invalid, dedupe=bool(spec.get("dedupe", False)),
+            on_invalid=cfg.on_invalid, dedupe=spec.get("dedupe", False),
         )
         skipped = f" ({len(result.skipped)} skipped, listed below and in {name}.skipped.json)" if result.skipped else ""
         print(f"[prepare_data] {name}: {result.num_rows} rows -> {result.output}{skipped}")

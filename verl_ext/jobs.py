@@ -39,7 +39,7 @@ from pathlib import Path
 from typing import Any, Generic, TypeVar
 
 from verl_ext.core.atomic_io import atomic_write_bytes
-from verl_ext.core.checks import ConfigError, check_choice, check_number, invalid
+from verl_ext.core.checks import ConfigError, check_choice, check_flag, check_number, invalid
 
 W = TypeVar("W")  # a worker
 T = TypeVar("T")  # a task
@@ -254,7 +254,7 @@ def check_resume(out_dir: str | Path, settings: dict, results: Iterable[str], *,
     out = Path(out_dir)
     path = out / manifest
     folders = [out / r for r in results]
-    if overwrite:
+    if check_flag(overwrite, "overwrite"):  # a string such as "no" must never delete results
         for folder in folders:
             shutil.rmtree(folder, ignore_errors=True)
         path.unlink(missing_ok=True)

@@ -31,7 +31,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from verl_ext.core.checks import ConfigError, check_model_source, check_number, check_writable_dir, is_remote
+from verl_ext.core.checks import (
+    ConfigError,
+    check_flag,
+    check_model_source,
+    check_number,
+    check_writable_dir,
+    is_remote,
+)
 
 ROLLOUT = "actor_rollout_ref.rollout"
 ACTOR = "actor_rollout_ref.actor"
@@ -66,7 +73,12 @@ def check_clip_ratios(actor: Mapping, key: str = ACTOR) -> None:
 
 def check_training_config(config) -> None:
     """The composed training config's sampling, optimiser and clipping settings (see the module docstring)."""
+    check_flag(config.get("dry_run", False), "dry_run")
+    check_flag((config.get("run") or {}).get("merge_at_end", True), "run.merge_at_end")
+    check_flag(config.actor_rollout_ref.actor.policy_loss.get("ppl_iqr_filter", False),
+               f"{ACTOR}.policy_loss.ppl_iqr_filter")
     rollout = config.actor_rollout_ref.rollout
+    check_flag(rollout.get("full_determinism", False), f"{ROLLOUT}.full_determinism")
     check_sampling(rollout, ROLLOUT, training=True)
     check_sampling(rollout.get("val_kwargs") or {}, f"{ROLLOUT}.val_kwargs", training=False)
     actor = config.actor_rollout_ref.actor

@@ -57,12 +57,14 @@ class WeightingSpec:
             raise ValueError(f"weighting alpha must be a finite number >= 0, got {alpha!r} (scheme {scheme!r})")
         if scheme == "dominate" and alpha >= 1:
             raise ValueError(f"dominate needs 0 <= alpha < 1 (weight alpha*p + 1 - alpha must stay > 0), got {alpha}")
+        if not isinstance(ppl_iqr_filter, bool):  # bool("no") would be True
+            raise ValueError(f"ppl_iqr_filter must be true or false, got {ppl_iqr_filter!r}")  # noqa: TRY004 (a config error, as above)
         low, high = (float(v) for v in ppl_clamp)
         if not low <= high:
             raise ValueError(f"ppl clamp needs low <= high, got low={low}, high={high}")
         if low <= 0:
             raise ValueError(f"ppl clamp low must be > 0 so no advantage flips sign or vanishes, got {low}")
-        return cls(scheme=scheme, alpha=alpha, ppl_clamp=(low, high), ppl_iqr_filter=bool(ppl_iqr_filter))
+        return cls(scheme=scheme, alpha=alpha, ppl_clamp=(low, high), ppl_iqr_filter=ppl_iqr_filter)
 
 
 def _affine_in_prob(old_log_probs: torch.Tensor, response_mask: torch.Tensor, a: float, b: float) -> torch.Tensor:

@@ -48,6 +48,7 @@ from verl_ext.core.checks import (
     ConfigError,
     check_choice,
     check_file,
+    check_flag,
     check_list,
     check_model_source,
     check_number,
@@ -670,6 +671,8 @@ def validate(cfg: DictConfig) -> None:
     from verl_ext.generation import BACKENDS
 
     check_choice(cfg.input.source, "input.source", SOURCES)
+    for key in ("overwrite", "show_progress", "input.use_chat_template"):
+        check_flag(OmegaConf.select(cfg, key), key)
     wandb_enabled(cfg.wandb.enable)  # a bad setting fails now, not after the scoring
     if not DEVICE.fullmatch(str(cfg.models.device)):
         raise invalid("models.device", cfg.models.device, "auto, cpu, cuda, cuda:N")

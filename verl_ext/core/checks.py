@@ -92,6 +92,14 @@ def check_choice(value: Any, key: str, choices: Iterable[Any]) -> Any:
     return value
 
 
+def check_flag(value: Any, key: str) -> bool:
+    """`value` if it is a bool, else ConfigError: hydra reads only true/false as bools, so `overwrite=no`
+    arrives as the string "no", which Python would take as true."""
+    if not isinstance(value, bool):
+        raise invalid(key, value, "true, false")
+    return value
+
+
 def check_list(
     values: Any, key: str, check_item: Callable[[Any, str], Any] | None = None, *, nonempty: bool = True
 ) -> list:

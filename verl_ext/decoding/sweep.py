@@ -42,6 +42,7 @@ from verl_ext.core.checks import (
     ConfigError,
     check_choice,
     check_file,
+    check_flag,
     check_list,
     check_model_source,
     check_number,
@@ -554,7 +555,9 @@ def validate(cfg: DictConfig) -> None:
     check_choice(d.action, "decoding.action", ACTIONS)
     check_choice(d.propose_from, "decoding.propose_from", PROPOSERS)
     check_choice(d.coupling, "decoding.coupling", COUPLINGS)
-    check_choice(d.get("speculative", False), "decoding.speculative", (True, False))
+    for key in ("decoding.speculative", "decoding.static_cache", "sweep.baselines", "show_progress",
+                "data.use_chat_template"):
+        check_flag(OmegaConf.select(cfg, key, default=False), key)
     # the experimental speculative rounds' settings, checked even while speculative=false (a typo is a typo)
     check_choice(d.get("draft_model", "proposer"), "decoding.draft_model", DRAFT_MODELS)
     check_number(d.temperature, "decoding.temperature", low=0, low_open=True)

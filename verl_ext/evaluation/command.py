@@ -24,6 +24,7 @@ from verl_ext.core.checks import (
     ConfigError,
     check_choice,
     check_file,
+    check_flag,
     check_list,
     check_model_source,
     check_number,
@@ -161,7 +162,7 @@ def check_ks(cfg: DictConfig, n: int) -> None:
 def apply_tiny_defaults(cfg: DictConfig) -> None:
     """`tiny=true` (what `scripts/evaluate.sh` runs with no argument): the tiny CPU model and its
     arithmetic validation set (`verl_ext.tiny_assets`, built from code in seconds) where unset."""
-    if not cfg.tiny or cfg.generations:
+    if not check_flag(cfg.tiny, "tiny") or cfg.generations:
         return
     from verl_ext.tiny_assets import ensure_tiny_assets
 
@@ -205,7 +206,8 @@ def validate(cfg: DictConfig) -> str:
                           "them; tiny=true: the tiny arithmetic set)") from None
     check_number(cfg.data.max_problems, "data.max_problems", low=1, integer=True, allow_none=True)
     check_number(cfg.shard_problems, "shard_problems", low=1, integer=True)
-    check_choice(cfg.overwrite, "overwrite", (True, False))
+    for key in ("overwrite", "show_progress", "model.use_chat_template"):
+        check_flag(OmegaConf.select(cfg, key), key)
     check_ray(cfg.ray)
     return mode
 
@@ -239,7 +241,7 @@ def generate_records(cfg: DictConfig) -> list[dict]:
           f"resumes with output_dir={output_dir}", flush=True)
     spec = EvalSpec(
         model=str(cfg.model.path), tokenizer=str(cfg.model.tokenizer or cfg.model.path), backend=backend,
-        device=cfg.model.device, dtype=cfg.model.dtype, use_chat_template=bool(cfg.model.use_chat_template),
+        device=cfg.model.device, dtype=cfg.model.dtype, use_chat_template=cfg.model.use_chat_template,
         sampling={k: cfg.sampling[k] for k in ("n", "temperature", "top_p", "top_k", "max_new_tokens", "seed",
                                                 "batch_size")},
         show_progress=bool(cfg.show_progress),

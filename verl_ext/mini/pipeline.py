@@ -33,6 +33,7 @@ import hydra
 from omegaconf import DictConfig, OmegaConf
 
 from verl_ext.core.atomic_io import atomic_write_bytes
+from verl_ext.core.checks import ConfigError, check_flag, exit_on_config_error
 from verl_ext.core.paths import config_dir, source_root
 from verl_ext.mini import run_name
 
@@ -48,21 +49,22 @@ class PipelineError(RuntimeError):
 
 
 def resolve_config(cfg: DictConfig) -> DictConfig:
-    """Check stage and scheme names (errors name the value and the choices)."""
+    """Check stage and scheme names (ConfigError naming the value and the choices: exit code 2)."""
     cfg = OmegaConf.create(OmegaConf.to_container(cfg, resolve=True))
+    check_flag(cfg.show_progress, "show_progress")
     for stage in cfg.redo:
         if stage not in STAGES:
-            raise PipelineError(f"redo: unknown stage {stage!r}; valid stages: {', '.join(STAGES)}")
+            raise ConfigError(f"redo: unknown stage {stage!r}; valid stages: {', '.join(STAGES)}")
     if not cfg.seeds or len(set(cfg.seeds)) != len(cfg.seeds) or not all(isinstance(x, int) for x in cfg.seeds):
-        raise PipelineError(f"seeds={list(cfg.seeds)!r}: give a non-empty list of distinct integers, e.g. [0,1,2]")
+        raise ConfigError(f"seeds={list(cfg.seeds)!r}: give a non-empty list of distinct integers, e.g. [0,1,2]")
     if not cfg.schemes:
-        raise PipelineError(f"schemes is empty; choose from {', '.join(SCHEMES)}")
+        raise ConfigError(f"schemes is empty; choose from {', '.join(SCHEMES)}")
     for scheme in cfg.schemes:
         if scheme not in SCHEMES:
-            raise PipelineError(f"schemes: unknown weighting {scheme!r}; valid choices: {', '.join(SCHEMES)}")
+            raise ConfigError(f"schemes: unknown weighting {scheme!r}; valid choices: {', '.join(SCHEMES)}")
     for key in ("analysis", "replacement", "extrapolation"):
         if cfg[key].rl_scheme not in cfg.schemes:
-            raise PipelineError(
+            raise ConfigError(
                 f"{key}.rl_scheme={cfg[key].rl_scheme!r} is not trained; trained schemes: {list(cfg.schemes)}"
             )
     return cfg
@@ -390,7 +392,8 @@ def run(cfg: DictConfig) -> Path:
 @hydra.main(version_base=None, config_path=str(CONFIGS), config_name="reproduce_mini")
 def main(cfg: DictConfig) -> None:
     try:
-        run(cfg)
+        with exit_on_config_error("mini"):  # a bad setting: exit code 2, as every command
+            run(cfg)
     except (PipelineError, ValueError, FileNotFoundError) as err:
         raise SystemExit(f"[mini] error: {err}") from None
 
