@@ -107,5 +107,7 @@ cd "$ROOT"
 "$PY" benchmarks/gpu_summary.py "$RAW" >"$OUT/summary.md" 2>&1
 cat "$OUT/summary.md"
 cp "$OUT/summary.md" "$RAW/"
+RESULT_LINE=$("$PY" benchmarks/gpu_summary.py "$RAW" --result 2>&1)
 tar -czf "$OUT/gpu_check.tar.gz" -C "$OUT" raw && rm -rf "$RAW"
 echo "total $(($(date +%s) - START))s; results in $OUT/gpu_check.tar.gz"
+echo "$RESULT_LINE"  # last: benchmarks/record.py reads it

@@ -1,14 +1,20 @@
 """Summary (markdown) of one `gpu_check.sh` run: its steps, the decoding rows with their roofline
-fractions, the static-step check and the token-metric ratios.
+fractions, the static-step check and the token-metric ratios; with `--result`, the run's one
+`RESULT {json}` line for `benchmarks/record.py` (issue 21's targets, from the benchmarks' own RESULT lines).
 
     python benchmarks/gpu_summary.py OUT/raw > OUT/summary.md
+    python benchmarks/gpu_summary.py OUT/raw --result
 """
 
 from __future__ import annotations
 
+import json
 import re
 import sys
 from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # a script beside record.py (also when loaded by path)
+from record import parse_result
 
 ROW = re.compile(r"^(?P<mode>\S+(?: \S+)?)\s+(?P<tps>\d+\.\d)\s+(?P<replace>\S+)\s+(?P<stop>\S+)\s+(?P<k>\S+)\s+"
                  r"(?P<same>\S+%)\s+(?P<vs_single>\S+)\s+(?P<vs_official>\S+)(?:\s+(?P<roof>\S+%))?$")
@@ -23,8 +29,39 @@ def lines_starting(text: str, *prefixes: str) -> list[str]:
     return [line for line in text.splitlines() if line.startswith(prefixes)]
 
 
+def check_result(raw: Path) -> dict:
+    """Issue 21's numbers of one run: two-model static decoding's fraction of the two-model memory
+    roofline at the 1.5B shape, batch 32 (`ratio`, target >= 0.40), the single-model static row's
+    (target >= 0.50), the other shapes' two-model fractions, and the scorer's metrics / bare ratio."""
+    read = lambda name: (raw / name).read_text(errors="replace") if (raw / name).exists() else ""
+    steps = [line.split("\t") for line in read("steps.tsv").splitlines() if line.strip()]
+    env = read("env.txt")
+    device = next((line[len("device "):] for line in env.splitlines() if line.startswith("device ")), "unknown")
+    out: dict = {"steps": len(steps), "failed_steps": [s[0] for s in steps if len(s) < 2 or s[1] != "0"],
+                 "device": device}
+    main = parse_result(read("bench_1.5b_b32.txt").splitlines()) or {}
+    fractions = main.get("of_roofline", {})
+    if "dlogp static" in fractions:
+        out = {"ratio": fractions["dlogp static"],
+               "ratio_of": "Δlog p static tokens/s / two-model memory roofline (1.5B shape, batch 32)",
+               "target": ">= 0.40", "single_static_of_roofline": fractions.get("single static"), **out}
+    for path in sorted(raw.glob("bench_*.txt")):
+        if path.stem != "bench_1.5b_b32":
+            result = parse_result(path.read_text(errors="replace").splitlines()) or {}
+            fraction = (result.get("of_roofline") or {}).get("dlogp static")
+            if fraction is not None:
+                out[f"{path.stem.removeprefix('bench_')}_dlogp_static_of_roofline"] = fraction
+    metrics = parse_result(read("metrics_1.5b_L4096.txt").splitlines())
+    if metrics and "ratio" in metrics:
+        out["scorer_metrics_vs_bare_1.5b_L4096"] = metrics["ratio"]
+    return out
+
+
 def main() -> None:
     raw = Path(sys.argv[1])
+    if "--result" in sys.argv[2:]:
+        print("RESULT " + json.dumps(check_result(raw), ensure_ascii=False))
+        return
     read = lambda name: (raw / name).read_text(errors="replace") if (raw / name).exists() else ""
     print("# GPU check (issue 21)\n")
     print("```\n" + read("env.txt").strip() + "\n```\n")

@@ -105,3 +105,27 @@ def test_committed_benchmarks_md_is_the_generated_one():
     expected = record.render(records, record.TEMPLATE.read_text(encoding="utf-8"))
     assert record.OUTPUT.read_text(encoding="utf-8") == expected
     assert record.main(["--check"]) == 0
+
+
+def test_the_gpu_checks_result_line_carries_issue_21s_targets(tmp_path):
+    """gpu_summary.py --result: one RESULT line from the benchmarks' own RESULT lines and the step table."""
+    spec = importlib.util.spec_from_file_location("gpu_summary", ROOT / "benchmarks" / "gpu_summary.py")
+    summary = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(summary)
+    raw = tmp_path / "raw"
+    raw.mkdir()
+    (raw / "env.txt").write_text("date x\ndevice NVIDIA H100 80GB HBM3\n")
+    (raw / "steps.tsv").write_text("check_static\t0\t9\tpython c.py\nbench_1.5b_b32\t0\t80\tpython b.py\n"
+                                   "bench_7b_b32\t124\t80\tpython b.py\n")
+    roof = {"single static": 0.61, "dlogp static": 0.43, "dlogp step": 0.02}
+    (raw / "bench_1.5b_b32.txt").write_text(
+        "rows\nRESULT {\"ratio\": 0.5, \"of_roofline\": " + json.dumps(roof) + "}\nRESULT not json, ignored\n")
+    (raw / "bench_7b_b32.txt").write_text("killed halfway: no RESULT line\n")
+    (raw / "bench_1.5b_b128.txt").write_text("RESULT {\"of_roofline\": {\"dlogp static\": 0.52}}\n")
+    (raw / "metrics_1.5b_L4096.txt").write_text("RESULT {\"ratio\": 0.83}\n")
+    assert summary.check_result(raw) == {
+        "ratio": 0.43, "ratio_of": "Δlog p static tokens/s / two-model memory roofline (1.5B shape, batch 32)",
+        "target": ">= 0.40", "single_static_of_roofline": 0.61, "steps": 3, "failed_steps": ["bench_7b_b32"],
+        "device": "NVIDIA H100 80GB HBM3", "1.5b_b128_dlogp_static_of_roofline": 0.52,
+        "scorer_metrics_vs_bare_1.5b_L4096": 0.83,
+    }
