@@ -268,6 +268,8 @@ def test_bad_criterion_lists_valid_ones(tmp_path):
         ("extrapolation", "decoding.speculative=maybe", "decoding.speculative='maybe' is invalid; valid: true, false"),
         ("token_replacement", "decoding.static_cache=maybe", "decoding.static_cache='maybe' is invalid; valid: true, false"),
         ("token_replacement", "sweep.baselines=no", "sweep.baselines='no' is invalid; valid: true, false"),
+        ("token_replacement", "sweep.criteria=delta_logp", "sweep.criteria='delta_logp' is invalid; valid: a list, e.g. [a, b]"),
+        ("token_replacement", "sweep.calibrate_criteria=avg_kl", "sweep.calibrate_criteria='avg_kl' is invalid; valid: a list"),
         ("extrapolation", "data.use_chat_template=1", "data.use_chat_template=1 is invalid; valid: true, false"),
         ("token_replacement", "show_progress=yes", "show_progress='yes' is invalid; valid: true, false"),
         ("token_replacement", "decoding.coupling=greedy", "decoding.coupling='greedy' is invalid; valid: maximal, independent"),

@@ -441,6 +441,25 @@ def test_evaluate_sh_without_argument_runs_the_tiny_default(tmp_path):
     assert (tmp_path / "outputs" / "eval" / "tiny" / "results.json").exists()
 
 
+def test_tiny_fills_only_what_the_user_left_unset(tmp_path):
+    """tiny=true: the tiny model where model.path is unset, its arithmetic set where data.files is the
+    config's default; a model or files the user gives are kept (they were silently replaced before)."""
+    from verl_ext.evaluation.command import apply_tiny_defaults
+    from verl_ext.tiny_assets import ensure_tiny_assets
+
+    assets = ensure_tiny_assets()
+    cfg = _compose(["tiny=true"])
+    apply_tiny_defaults(cfg)
+    assert (cfg.model.path, list(cfg.data.files)) == (str(assets.model_dir), [str(assets.val_parquet)])
+    mine = str(tmp_path / "mine.parquet")
+    cfg = _compose(["tiny=true", f"data.files=[{mine}]", f"model.path={tmp_path}"])
+    apply_tiny_defaults(cfg)
+    assert (cfg.model.path, list(cfg.data.files)) == (str(tmp_path), [mine])
+    cfg = _compose([f"data.files=[{mine}]"])  # tiny=false: nothing filled
+    apply_tiny_defaults(cfg)
+    assert (cfg.model.path, list(cfg.data.files)) == (None, [mine])
+
+
 def test_size_and_eta_lines():
     from verl_ext.core.progress import eta_line, eta_seconds, format_duration, job_size, size_line
 

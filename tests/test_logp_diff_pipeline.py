@@ -307,7 +307,8 @@ def test_config_errors_name_valid_choices(assets, tmp_path):
         ("models.dtype=float8", "models.dtype='float8' is invalid; valid: auto, float32, bfloat16, float16"),
         ("models.device=gpu", "models.device='gpu' is invalid; valid: auto, cpu, cuda, cuda:N"),
         ("models.base=/nonexistent/base", "models.base='/nonexistent/base': no such model directory"),
-        ("overwrite=no", "overwrite='no' is invalid; valid: true, false"),  # "no" is truthy: it would delete results
+        ("overwrite=no", "overwrite='no' is invalid; valid: true, false"),
+        ("sampling.generators=base", "sampling.generators='base' is invalid; valid: a list, e.g. [a, b]"),  # not b, a, s, e  # "no" is truthy: it would delete results
         ("input.use_chat_template=yes", "input.use_chat_template='yes' is invalid; valid: true, false"),
         ("show_progress=maybe", "show_progress='maybe' is invalid; valid: true, false"),
     ],

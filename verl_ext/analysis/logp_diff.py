@@ -681,8 +681,8 @@ def validate(cfg: DictConfig) -> None:
     check_sampling(cfg.sampling, "sampling", keys=("n", "temperature", "top_p", "top_k", "max_new_tokens",
                                                    "batch_size", "seed"))
     check_choice(cfg.sampling.backend, "sampling.backend", BACKENDS)
-    generators = cfg.sampling.generators
-    if not generators or any(g not in ("base", "rl") for g in generators):
+    generators = check_list(cfg.sampling.generators, "sampling.generators")  # a bare name: refused, not read letter by letter
+    if any(g not in ("base", "rl") for g in generators):
         raise invalid("sampling.generators", list(generators or []), "a non-empty list of base, rl")
     for key in ("chunk_size", "batch_size", "max_batch_tokens"):
         _positive_int(cfg.scoring[key], f"scoring.{key}")

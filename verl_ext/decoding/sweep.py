@@ -586,6 +586,8 @@ def validate(cfg: DictConfig) -> None:
                lambda v, k: check_number(v, k, low=0, high=1, low_open=True, high_open=True), nonempty=False)
     if not thresholds and not cfg.sweep.target_ratios:
         raise SweepError("nothing to sweep: set sweep.thresholds or sweep.target_ratios")
+    for key in ("sweep.calibrate_criteria", "sweep.criteria"):  # a bare name would be read letter by letter
+        check_list(OmegaConf.select(cfg, key) or [], key, nonempty=False)
     for name in list(cfg.sweep.calibrate_criteria or []) + list(cfg.sweep.criteria or []):
         get_criterion(name)
     if cfg.sweep.target_ratios:

@@ -160,8 +160,9 @@ def check_ks(cfg: DictConfig, n: int) -> None:
 
 
 def apply_tiny_defaults(cfg: DictConfig) -> None:
-    """`tiny=true` (what `scripts/evaluate.sh` runs with no argument): the tiny CPU model and its
-    arithmetic validation set (`verl_ext.tiny_assets`, built from code in seconds) where unset."""
+    """`tiny=true` (what `scripts/evaluate.sh` runs with no argument): the tiny CPU model where
+    model.path is unset, and its arithmetic validation set where data.files is the config's default
+    (`verl_ext.tiny_assets`, built from code in seconds); files the user gives are evaluated."""
     if not check_flag(cfg.tiny, "tiny") or cfg.generations:
         return
     from verl_ext.tiny_assets import ensure_tiny_assets
@@ -170,7 +171,9 @@ def apply_tiny_defaults(cfg: DictConfig) -> None:
     if not cfg.model.path:
         cfg.model.path = str(assets.model_dir)
         cfg.model.tokenizer = cfg.model.tokenizer or str(assets.tokenizer_dir)
-    cfg.data.files = [str(assets.val_parquet)]
+    default_files = OmegaConf.load(config_dir() / "evaluate.yaml").data.files
+    if list(cfg.data.files or []) == list(default_files):
+        cfg.data.files = [str(assets.val_parquet)]
 
 
 DATA_SUFFIXES = (".parquet", ".jsonl", ".json")
