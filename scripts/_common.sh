@@ -26,7 +26,7 @@ require_preset() {
   local presets
   presets="$(config_dir)/preset"
   if [ ! -f "$presets/$1.yaml" ]; then
-    echo "error: PRESET=$1 does not exist; valid presets: $(cd "$presets" && ls *.yaml | sed 's/\.yaml$//' | tr '\n' ' ')" >&2
+    echo "[$(basename "$0" .sh)] error: PRESET=$1 does not exist; valid presets: $(cd "$presets" && ls *.yaml | sed 's/\.yaml$//' | paste -sd, - | sed 's/,/, /g')" >&2
     exit 2
   fi
 }
@@ -35,7 +35,8 @@ require_preset() {
 require_choice() {
   local name="$1" value="$2"; shift 2
   for c in "$@"; do [ "$value" = "$c" ] && return 0; done
-  echo "error: $name=$value is not valid; valid choices: $*" >&2
+  local IFS=,
+  echo "[$(basename "$0" .sh)] error: $name='$value' is invalid; valid: $(echo "$*" | sed 's/,/, /g')" >&2
   exit 2
 }
 

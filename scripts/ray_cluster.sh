@@ -87,7 +87,11 @@ start_head() {
 }
 
 start_worker() {
-  local address="${1:?usage: ray_cluster.sh worker HEAD_IP:PORT [options]}"; shift
+  if [ $# -eq 0 ] || [[ "$1" == -* ]]; then
+    echo "[ray_cluster] error: worker needs the head's address first; usage: bash scripts/ray_cluster.sh worker HEAD_IP:PORT [options]" >&2
+    exit 2
+  fi
+  local address="$1"; shift
   parse_node_options "$@"
   node_start_args
   export_ray_auth_mode ray_cluster

@@ -98,7 +98,7 @@ def test_dry_run_script_names_bad_preset_and_scheme():
         capture_output=True, text=True, check=False,
     )
     assert bad_scheme.returncode == 2
-    assert "WEIGHTING=foo is not valid; valid choices: lowprob ppl dominate none" in bad_scheme.stderr
+    assert bad_scheme.stderr.strip() == "[run_dapo_reweight] error: WEIGHTING='foo' is invalid; valid: lowprob, ppl, dominate, none"
 
 
 def test_missing_model_or_data_and_rows_without_ground_truth_are_named(tmp_path):

@@ -34,9 +34,11 @@ from typing import Any
 from verl_ext.core.checks import (
     ConfigError,
     check_flag,
+    check_list,
     check_model_source,
     check_number,
     check_writable_dir,
+    invalid,
     is_remote,
 )
 
@@ -75,8 +77,15 @@ def check_training_config(config) -> None:
     """The composed training config's sampling, optimiser and clipping settings (see the module docstring)."""
     check_flag(config.get("dry_run", False), "dry_run")
     check_flag((config.get("run") or {}).get("merge_at_end", True), "run.merge_at_end")
-    check_flag(config.actor_rollout_ref.actor.policy_loss.get("ppl_iqr_filter", False),
-               f"{ACTOR}.policy_loss.ppl_iqr_filter")
+    policy_loss, key = config.actor_rollout_ref.actor.policy_loss, f"{ACTOR}.policy_loss"
+    check_flag(policy_loss.get("ppl_iqr_filter", False), f"{key}.ppl_iqr_filter")
+    # the scheme's own limits (dominate: alpha < 1; clamp low <= high) are WeightingSpec's; here the types
+    check_number(policy_loss.get("alpha"), f"{key}.alpha", low=0, allow_none=True)
+    if policy_loss.get("ppl_clamp") is not None:
+        clamp = check_list(policy_loss.ppl_clamp, f"{key}.ppl_clamp",
+                           lambda v, k: check_number(v, k, low=0, low_open=True))
+        if len(clamp) != 2:
+            raise invalid(f"{key}.ppl_clamp", clamp, "[low, high], two numbers > 0")
     rollout = config.actor_rollout_ref.rollout
     check_flag(rollout.get("full_determinism", False), f"{ROLLOUT}.full_determinism")
     check_sampling(rollout, ROLLOUT, training=True)
