@@ -133,7 +133,7 @@ def test_baselines_script_gives_dominate_its_paper_settings():
         ["bash", "scripts/run_baselines.sh"], cwd=REPO, capture_output=True, text=True, check=False,
         env={**os.environ, "SCHEMES": "none lowprb"},
     )
-    assert bad.returncode == 2 and "SCHEMES=lowprb is not valid" in bad.stderr
+    assert bad.returncode == 2 and bad.stderr.strip() == "[run_baselines] error: SCHEMES='lowprb' is invalid; valid: none, lowprob, ppl, dominate"
 
 
 def test_the_printed_evaluation_command_fits_the_preset():

@@ -217,16 +217,19 @@ def serve_grading_requests(stdin=None, stdout=None) -> None:
     import math_verify  # noqa: F401  (import before announcing readiness)
 
     math_verify_equivalent("1", "1")  # warm the parser
-    stdout.write(b"ready\n")
-    stdout.flush()
-    for line in stdin:
-        try:
-            pred, truth = json.loads(line)
-            verdict = math_verify_equivalent(pred, truth)
-        except Exception:  # noqa: BLE001  (a grading error means "not shown equivalent")
-            verdict = False
-        stdout.write(b"true\n" if verdict else b"false\n")
+    try:
+        stdout.write(b"ready\n")
         stdout.flush()
+        for line in stdin:
+            try:
+                pred, truth = json.loads(line)
+                verdict = math_verify_equivalent(pred, truth)
+            except Exception:  # noqa: BLE001  (a grading error means "not shown equivalent")
+                verdict = False
+            stdout.write(b"true\n" if verdict else b"false\n")
+            stdout.flush()
+    except BrokenPipeError:  # the pool was closed (or gave up on this worker) first: nothing to report
+        pass
 
 
 # ----------------------------------------------------------------------------- Math-Verify (parent side)
