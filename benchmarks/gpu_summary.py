@@ -8,6 +8,7 @@ fractions, the static-step check and the token-metric ratios; with `--result`, t
 
 from __future__ import annotations
 
+import functools
 import json
 import re
 import sys
@@ -29,11 +30,16 @@ def lines_starting(text: str, *prefixes: str) -> list[str]:
     return [line for line in text.splitlines() if line.startswith(prefixes)]
 
 
+def read_file(raw: Path, name: str) -> str:
+    """A step's output file of the run folder, "" when the step did not run."""
+    return (raw / name).read_text(errors="replace") if (raw / name).exists() else ""
+
+
 def check_result(raw: Path) -> dict:
     """Issue 21's numbers of one run: two-model static decoding's fraction of the two-model memory
     roofline at the 1.5B shape, batch 32 (`ratio`, target >= 0.40), the single-model static row's
     (target >= 0.50), the other shapes' two-model fractions, and the scorer's metrics / bare ratio."""
-    read = lambda name: (raw / name).read_text(errors="replace") if (raw / name).exists() else ""
+    read = functools.partial(read_file, raw)
     steps = [line.split("\t") for line in read("steps.tsv").splitlines() if line.strip()]
     env = read("env.txt")
     device = next((line[len("device "):] for line in env.splitlines() if line.startswith("device ")), "unknown")
@@ -62,7 +68,7 @@ def main() -> None:
     if "--result" in sys.argv[2:]:
         print("RESULT " + json.dumps(check_result(raw), ensure_ascii=False))
         return
-    read = lambda name: (raw / name).read_text(errors="replace") if (raw / name).exists() else ""
+    read = functools.partial(read_file, raw)
     print("# GPU check (issue 21)\n")
     print("```\n" + read("env.txt").strip() + "\n```\n")
     print("| step | exit | seconds | command |\n| --- | --- | --- | --- |")

@@ -683,7 +683,7 @@ def validate(cfg: DictConfig) -> None:
     check_choice(cfg.sampling.backend, "sampling.backend", BACKENDS)
     generators = check_list(cfg.sampling.generators, "sampling.generators")  # a bare name: refused, not read letter by letter
     if any(g not in ("base", "rl") for g in generators):
-        raise invalid("sampling.generators", list(generators or []), "a non-empty list of base, rl")
+        raise invalid("sampling.generators", generators, "a non-empty list of base, rl")
     for key in ("chunk_size", "batch_size", "max_batch_tokens"):
         _positive_int(cfg.scoring[key], f"scoring.{key}")
     _positive_int(cfg.scoring.block_rows, "scoring.block_rows", allow_none=True)

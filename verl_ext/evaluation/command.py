@@ -247,10 +247,10 @@ def generate_records(cfg: DictConfig) -> list[dict]:
         device=cfg.model.device, dtype=cfg.model.dtype, use_chat_template=cfg.model.use_chat_template,
         sampling={k: cfg.sampling[k] for k in ("n", "temperature", "top_p", "top_k", "max_new_tokens", "seed",
                                                 "batch_size")},
-        show_progress=bool(cfg.show_progress),
+        show_progress=cfg.show_progress,
     )
     records, generated, shards = generate_all(spec, problems, cfg.shard_problems, output_dir / "generations",
-                                              cfg.ray, bool(cfg.show_progress))
+                                              cfg.ray, cfg.show_progress)
     print(f"[evaluate] {shards} shard(s): {generated} generated now, {shards - generated} reused", flush=True)
     return records
 
